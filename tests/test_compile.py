@@ -1,0 +1,29 @@
+"""torch.compile gives the eager outputs, memory write included."""
+import copy
+
+import timm
+import torch
+
+import timm_ait  # noqa: F401
+
+TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
+
+
+def test_compiled_model_matches_eager_in_train_and_eval():
+    torch.manual_seed(0)
+    eager = timm.create_model('ait_small_patch4_32', num_classes=5, depth=1, **TINY)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    x = torch.randn(4, 3, 16, 16)
+
+    eager.train(), compiled.train()
+    y_eager, y_comp = eager(x), compiled(x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_model.balance_loss(), eager.balance_loss(), rtol=1e-4, atol=1e-5)
+    for blk_e, blk_c in zip(eager.blocks, compiled_model.blocks):
+        torch.testing.assert_close(blk_c.mlp.memory.memory, blk_e.mlp.memory.memory, rtol=1e-5, atol=1e-6)
+
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+    assert compiled_model.balance_loss() is None

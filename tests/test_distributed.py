@@ -1,0 +1,48 @@
+"""Under torch.distributed every rank must end each step with the same memory."""
+import os
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import timm_ait  # noqa: F401
+
+TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
+
+
+def _train_rank(rank, world_size, rdzv, out_dir, steps):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same initial weights and memory on every rank
+        model = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY)
+        # no buffer broadcast: the memory must agree through the averaged write alone
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+        for _ in range(steps):
+            x = torch.randn(4, 3, 16, 16, generator=gen)
+            target = torch.randint(0, 4, (4,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(ddp(x), target) + 1e-2 * model.balance_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save(model.state_dict(), os.path.join(out_dir, f'rank{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_two_gloo_ranks_end_with_bit_identical_memory_and_weights(tmp_path):
+    mp.spawn(_train_rank, args=(2, str(tmp_path / 'rdzv'), str(tmp_path), 3), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in (0, 1))
+    memory_keys = [k for k in a if k.endswith('memory.memory')]
+    assert len(memory_keys) == 2
+    init = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for k in memory_keys:  # and the memory was written
+        assert not torch.equal(a[k], init.state_dict()[k])

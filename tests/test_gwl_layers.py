@@ -1,0 +1,219 @@
+"""Properties of the GWL building blocks, checked against direct, unvectorised computations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_ait.layers import (
+    BottleneckAttention, ExplicitMemory, GlobalWorkspaceLayer, HopfieldRetrieval, balance_loss_from_gates,
+    hopfield_energy,
+)
+
+
+def reference_bottleneck(attn: BottleneckAttention, memory, patches):
+    """The bottleneck attention written out head by head, as SPEC.md states it."""
+    H, d = attn.num_heads, attn.head_dim
+    q = memory @ attn.q.weight.t()
+    k = patches @ attn.k.weight.t()
+    v = patches @ attn.v.weight.t()
+    outs, gates = [], []
+    for h in range(H):
+        qh, kh, vh = (t[:, h * d:(h + 1) * d] for t in (q, k, v))
+        scores = qh @ kh.t() / math.sqrt(d)
+        if attn.bottleneck is None:
+            g = scores.softmax(-1)
+        else:
+            kk = min(attn.bottleneck, scores.shape[1])
+            top, idx = scores.topk(kk, dim=-1)
+            g = torch.zeros_like(scores).scatter(-1, idx, top.softmax(-1))
+        gates.append(g)
+        outs.append(g @ vh)
+    return torch.cat(outs, -1) @ attn.proj.weight.t(), torch.stack(gates)
+
+
+def reference_balance_loss(gates, eps=1e-10):
+    total = 0.
+    for g in gates:  # per head, g: (S, T)
+        importance = g.sum(0)
+        load = (g > 0).float().sum(0)
+        for x in (importance, load):
+            total = total + x.var() / (x.mean() ** 2 + eps)
+    return total
+
+
+@pytest.mark.parametrize('bottleneck', [5, 64, None])
+def test_bottleneck_matches_reference_values_and_gradients(bottleneck):
+    torch.manual_seed(0)
+    attn = BottleneckAttention(dim=24, slot_dim=8, num_heads=4, bottleneck=bottleneck)
+    memory = torch.randn(6, 8)
+    patches = torch.randn(40, 24, requires_grad=True)
+    out, gates = attn(memory, patches)
+    ref_out, ref_gates = reference_bottleneck(attn, memory, patches)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gates.dense(), ref_gates, rtol=1e-5, atol=1e-6)
+
+    params = [patches, attn.q.weight, attn.k.weight, attn.v.weight, attn.proj.weight]
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref_out * w).sum(), params)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('num_patches,k', [(100, 7), (10, 7), (7, 7), (3, 7)])
+def test_topk_keeps_exactly_min_k_pool_patches_per_slot_and_head(num_patches, k):
+    attn = BottleneckAttention(dim=16, slot_dim=8, num_heads=3, bottleneck=k)
+    _, gates = attn(torch.randn(5, 8), torch.randn(num_patches, 16))
+    kept = (gates.dense() > 0).sum(-1)
+    assert kept.shape == (3, 5)
+    assert torch.all(kept == min(k, num_patches))
+    # the kept weights of a slot are a softmax: they sum to one
+    torch.testing.assert_close(gates.dense().sum(-1), torch.ones(3, 5))
+
+
+def test_dense_ablation_gives_every_patch_weight():
+    attn = BottleneckAttention(dim=16, slot_dim=8, num_heads=2, bottleneck=None)
+    _, gates = attn(torch.randn(4, 8), torch.randn(50, 16))
+    assert torch.all(gates.dense() > 0)
+
+
+def test_bottleneck_larger_than_pool_is_an_error_when_not_capped():
+    attn = BottleneckAttention(dim=16, slot_dim=8, num_heads=2, bottleneck=64, cap_bottleneck=False)
+    with pytest.raises(ValueError, match=r'k=64.*pool of 20 patches'):
+        attn(torch.randn(4, 8), torch.randn(20, 16))
+
+
+@pytest.mark.parametrize('bottleneck', [3, None])
+def test_balance_loss_matches_direct_computation(bottleneck):
+    torch.manual_seed(1)
+    attn = BottleneckAttention(dim=12, slot_dim=4, num_heads=2, bottleneck=bottleneck)
+    _, gates = attn(torch.randn(5, 4), torch.randn(9, 12))
+    expected = reference_balance_loss(gates.dense())
+    torch.testing.assert_close(balance_loss_from_gates(gates), expected)
+    if bottleneck is None:  # every patch is loaded by every slot: only the importance term remains
+        imp = gates.dense().sum(1)
+        torch.testing.assert_close(balance_loss_from_gates(gates), (imp.var(-1) / imp.mean(-1) ** 2).sum())
+
+
+def test_balance_loss_by_hand():
+    # one head, two slots, three patches: slot 0 keeps (0, 1), slot 1 keeps (1, 2)
+    from timm_ait.layers import BottleneckGates
+    gates = BottleneckGates(torch.tensor([[[0.75, 0.25], [0.5, 0.5]]]), torch.tensor([[[0, 1], [1, 2]]]), 3)
+    importance = torch.tensor([0.75, 0.75, 0.5])
+    load = torch.tensor([1., 2., 1.])
+    cv2 = lambda x: x.var() / (x.mean() ** 2 + 1e-10)  # noqa: E731
+    torch.testing.assert_close(balance_loss_from_gates(gates), cv2(importance) + cv2(load))
+
+
+def test_hopfield_step_never_increases_energy():
+    torch.manual_seed(2)
+    for trial in range(300):
+        S, D = torch.randint(1, 40, ()).item(), torch.randint(1, 64, ()).item()
+        beta = float(torch.empty(()).uniform_(0.05, 4.0))
+        scale = float(torch.empty(()).uniform_(0.1, 3.0))
+        read = HopfieldRetrieval(D, slot_dim=8, beta=beta).double()
+        memory = torch.randn(S, 8, dtype=torch.float64) * scale
+        xi = torch.randn(16, D, dtype=torch.float64) * scale
+        y = read.attractors(memory)
+        e0 = hopfield_energy(xi, y, beta)
+        e1 = hopfield_energy(read(xi, memory), y, beta)
+        assert torch.all(e1 <= e0 + 1e-9), (trial, (e1 - e0).max())
+
+
+def test_hopfield_energy_formula_by_hand():
+    y = torch.tensor([[1., 0.], [0., 2.]])
+    xi = torch.tensor([0.5, 0.5])
+    expected = -torch.logsumexp(torch.tensor([0.5, 1.0]), 0) + 0.25 + math.log(2) + 0.5 * 4
+    torch.testing.assert_close(hopfield_energy(xi, y, 1.0), expected)
+
+
+def test_hopfield_update_is_softmax_retrieval():
+    read = HopfieldRetrieval(6, slot_dim=4, beta=0.5, steps=2)
+    memory, xi = torch.randn(5, 4), torch.randn(2, 3, 6)
+    y = read.up(memory)
+    expected = xi
+    for _ in range(2):
+        expected = F.softmax(0.5 * expected @ y.t(), -1) @ y
+    torch.testing.assert_close(read(xi, memory), expected)
+
+
+@pytest.mark.parametrize('init', ['gaussian', 'uniform', 'identity'])
+def test_memory_initialisations(init):
+    torch.manual_seed(3)
+    mem = ExplicitMemory(num_slots=40, slot_dim=24, init=init)
+    m = mem.memory
+    if init == 'identity':
+        assert torch.equal(m[:24], torch.eye(24)) and torch.all(m[24:] == 0)
+    elif init == 'uniform':
+        bound = 1 / math.sqrt(40 + 24)
+        assert m.abs().max() <= bound and m.abs().max() > 0.8 * bound
+    else:
+        assert abs(m.mean()) < 0.1 and abs(m.std() - 1) < 0.1
+    before = m.clone()
+    mem.reset()
+    assert (init == 'identity') == torch.equal(mem.memory, before)
+
+
+def test_memory_is_a_buffer_in_the_state_dict():
+    mem = ExplicitMemory(4, 3)
+    assert 'memory' in mem.state_dict()
+    assert not list(mem.parameters())
+
+
+def _gwl(**kwargs):
+    kwargs = {**dict(num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=5), **kwargs}
+    return GlobalWorkspaceLayer(16, 32, **kwargs)
+
+
+def test_training_forward_writes_memory_by_the_ewma_rule():
+    torch.manual_seed(4)
+    layer = _gwl(smoothing=0.9).train()
+    x = torch.randn(3, 7, 16)
+    old = layer.memory.memory.clone()
+    h = layer.norm(layer.fc2(layer.act(layer.fc1(x)))).reshape(-1, 16)
+    out, _ = reference_bottleneck(layer.write_attn, old, h)
+    candidate = F.layer_norm(out + old, (8,), layer.write_norm.weight, layer.write_norm.bias)
+    y = layer(x)
+    torch.testing.assert_close(layer.memory.memory, 0.9 * old + 0.1 * candidate, rtol=1e-5, atol=1e-6)
+    # the read of this step used the new memory, with its gradient to the write path
+    expected = h.view(3, 7, 16) + layer.read(h.view(3, 7, 16), 0.9 * old + 0.1 * candidate)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert layer.write_attn.q.weight.grad.abs().sum() > 0
+    assert layer.balance_loss is not None and layer.balance_loss.requires_grad
+
+
+def test_l2_normalised_write():
+    layer = _gwl(memory_l2norm=True).train()
+    layer(torch.randn(2, 5, 16))
+    torch.testing.assert_close(layer.memory.memory.norm(dim=-1), torch.ones(6))
+
+
+def test_eval_never_writes_and_is_independent_of_the_batch():
+    torch.manual_seed(5)
+    layer = _gwl().train()
+    layer(torch.randn(4, 7, 16))  # a trained memory, not the initial one
+    layer.eval()
+    before = layer.memory.memory.clone()
+    x = torch.randn(5, 7, 16)
+    with torch.no_grad():
+        batch = layer(x)
+        single = torch.cat([layer(x[i:i + 1]) for i in range(5)])
+    assert torch.equal(layer.memory.memory, before)
+    assert layer.balance_loss is None
+    torch.testing.assert_close(batch, single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(bottleneck=0), 'bottleneck size k must be >= 1'),
+    (dict(num_slots=0), 'num_slots >= 1'),
+    (dict(gwl_heads=0), 'num_heads >= 1'),
+    (dict(memory_init='zeros'), "unknown memory_init 'zeros'"),
+    (dict(beta=0.), 'beta must be > 0'),
+    (dict(hopfield_steps=0), 'steps must be >= 1'),
+    (dict(smoothing=1.5), 'smoothing must be in'),
+])
+def test_misconfigured_layer_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _gwl(**kwargs)

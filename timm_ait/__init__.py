@@ -1,0 +1,9 @@
+"""timm-ait: the Associative Transformer (AiT) and its relatives for timm.
+
+Importing this package registers every model with timm, so that
+``timm.create_model("ait_small_patch4_32")`` works.
+"""
+from .version import __version__
+from .hub import HF_HUB_ORG
+from . import layers, models  # noqa: F401  (registers the models with timm)
+from .layers import balance_loss, reset_memory  # noqa: F401

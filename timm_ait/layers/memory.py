@@ -1,0 +1,122 @@
+"""Explicit memory of low-rank priors (AiT section 3.2).
+
+The memory ``M`` (slots x slot_dim) is state, not a trained parameter: a persistent buffer
+that a training forward writes with an exponentially weighted moving average and that is
+frozen in eval.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing']
+
+MEMORY_INITS = ('gaussian', 'uniform', 'identity')
+
+def is_recomputing() -> bool:
+    """True while autograd's backward is running this forward again (gradient checkpointing).
+
+    Such a recomputation must read the memory as it was before the step's write and must not
+    write again, or the EWMA would be applied twice. A normal forward never runs inside a
+    backward; compiled graphs recompute without re-running Python, so they never need this.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def _distributed_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over all ranks; identity outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / dist.get_world_size()
+
+
+class ExplicitMemory(nn.Module):
+    """A bank of ``num_slots`` low-rank priors of size ``slot_dim``, updated by EWMA.
+
+    Args:
+        num_slots: number of priors S.
+        slot_dim: size m of each prior.
+        init: 'gaussian' (N(0, 1), the paper's default), 'uniform' (Graves et al. 2014:
+            U(-b, b) with b = 1 / sqrt(S + m)) or 'identity' (ones on the diagonal).
+        smoothing: weight of the old memory in the EWMA, ``M <- s * M + (1 - s) * M_hat``.
+        l2_normalize: also scale each row of the written memory to unit length, as the
+            authors' code does (their paper's equations do not). Off by default.
+    """
+
+    def __init__(
+            self,
+            num_slots: int = 32,
+            slot_dim: int = 32,
+            init: str = 'gaussian',
+            smoothing: float = 0.9,
+            l2_normalize: bool = False,
+    ):
+        super().__init__()
+        if num_slots < 1 or slot_dim < 1:
+            raise ValueError(f'memory needs num_slots >= 1 and slot_dim >= 1, got {num_slots} and {slot_dim}')
+        if init not in MEMORY_INITS:
+            raise ValueError(f'unknown memory_init {init!r}; expected one of {MEMORY_INITS}')
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f'memory smoothing must be in [0, 1], got {smoothing}')
+        self.num_slots = num_slots
+        self.slot_dim = slot_dim
+        self.init = init
+        self.smoothing = smoothing
+        self.l2_normalize = l2_normalize
+        self.register_buffer('memory', torch.empty(num_slots, slot_dim))
+        self._before_write = None  # the memory a checkpointed recomputation must start from
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Re-initialise the priors (the paper's 'reset memory' ablation calls this each epoch)."""
+        m = self.memory
+        if self.init == 'gaussian':
+            m.normal_(0.0, 1.0)
+        elif self.init == 'uniform':
+            bound = 1.0 / math.sqrt(self.num_slots + self.slot_dim)
+            m.uniform_(-bound, bound)
+        else:
+            m.zero_()
+            m.fill_diagonal_(1.0)
+        if self.l2_normalize:
+            m.copy_(nn.functional.normalize(m, dim=-1))
+        self._before_write = None
+
+    def init_weights(self) -> None:
+        # called by timm's ViT weight init (named_apply) in place of reset_parameters
+        self.reset()
+
+    def read(self) -> torch.Tensor:
+        """The memory a forward should start from (a copy, so the write cannot alias it)."""
+        if is_recomputing() and self._before_write is not None:
+            return self._before_write
+        return self.memory.clone()
+
+    def write(self, candidate: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """EWMA-write ``candidate`` (M_hat) over ``current`` (M) and store the result.
+
+        Returns the new memory with its gradient to ``candidate``; the stored buffer is its
+        detached value. Under torch.distributed, the candidate is averaged over ranks so that
+        every rank stores the same memory; the returned tensor carries that average forward
+        and the local candidate's gradient backward.
+        """
+        mean = _distributed_mean(candidate)
+        if mean is not candidate:
+            candidate = candidate + (mean - candidate).detach()
+        new = self.smoothing * current + (1.0 - self.smoothing) * candidate
+        if self.l2_normalize:
+            new = nn.functional.normalize(new, dim=-1)
+        if not is_recomputing():
+            self._before_write = current.detach()
+            self.memory.copy_(new.detach())
+        return new
+
+    def extra_repr(self) -> str:
+        return (f'num_slots={self.num_slots}, slot_dim={self.slot_dim}, init={self.init!r}, '
+                f'smoothing={self.smoothing}, l2_normalize={self.l2_normalize}')

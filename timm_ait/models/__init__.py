@@ -1,0 +1,1 @@
+from .ait import *  # noqa: F401,F403

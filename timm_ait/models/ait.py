@@ -1,0 +1,396 @@
+""" Associative Transformer (AiT)
+
+A PyTorch implementation of `Associative Transformer` - https://arxiv.org/abs/2309.12862
+(Sun, Ochiai, Wu, Kanai, Yasuda), on timm's VisionTransformer: each block keeps timm's
+pre-norm self-attention and replaces the MLP with a Global Workspace Layer (GWL), see
+``timm_ait.layers.gwl``.
+
+Architecture choices, as in the authors' models (they give the paper's parameter counts):
+patch embedding ``LN(p*p*C) -> Linear -> LN(D)``; no class token; attention heads of 64 without
+qkv bias; the head flattens all N tokens, ``LN(N*D) -> Linear(N*D, classes)`` (``global_pool=
+'flatten'``, which fixes the image size). Unlike the authors' code we add timm's learned position
+embedding (their forward adds none; ``pos_embed='none'`` reproduces that).
+
+Parameters with 10 classes at 32x32, patch 4 (paper: 15.8M / 45.9M / 91.0M): ait_small 15.72M,
+ait_medium 45.82M, ait_base 90.95M. The paper's counts include modules the authors' code builds
+but never calls (a 58,368-parameter conv stem, a class token and a 65-slot position embedding)
+and the memory, which here is a buffer (1,024 values a layer), not a parameter.
+"""
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ..hub import hf_hub_id
+from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
+from ..layers import balance_loss as _balance_loss
+from ..layers import reset_memory as _reset_memory
+
+__all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn']
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# The paper's Table 2, as keyword arguments of the model. 'reset_memory' is a training-time
+# ablation: the model only records it, the training task re-initialises the memory each epoch.
+ABLATIONS = {
+    'reset_memory': {},
+    'no_hopfield': dict(hopfield=False),
+    'no_memory': dict(gwl=False),
+    'no_bottleneck': dict(bottleneck=None),
+    'no_self_attn': dict(self_attn=False),
+    'no_feed_forward': dict(feed_forward=False),
+}
+
+
+class AiTBlock(Block):
+    """timm's pre-norm ``Block``, with the self-attention optional (the 'w/o SA' ablation)."""
+
+    def __init__(self, *args, self_attn: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self_attn:
+            self.norm1 = self.attn = self.ls1 = self.drop_path1 = None
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if self.attn is not None:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class AssociativeTransformer(VisionTransformer):
+    """AiT: a ViT whose blocks use the Global Workspace Layer in place of the MLP.
+
+    Every argument of timm's ``VisionTransformer`` is accepted; the defaults differ where the
+    AiT models differ (see the module docstring). AiT's own arguments:
+
+    Args:
+        gwl: False builds the ViT twin with the same dimensions (plain timm ``Mlp``).
+        num_slots, slot_dim, gwl_heads, bottleneck, cap_bottleneck, smoothing, memory_init,
+        memory_l2norm, beta, hopfield_steps, hopfield, feed_forward: see ``GlobalWorkspaceLayer``.
+        self_attn: False removes the blocks' self-attention (ablation).
+        ablation: one name of :data:`ABLATIONS` (the paper's Table 2), applied over the above.
+        global_pool: timm's options plus 'flatten' (the authors' head over all tokens).
+    """
+
+    def __init__(
+            self,
+            img_size=32,
+            patch_size=4,
+            num_classes: int = 10,
+            global_pool: str = 'flatten',
+            embed_dim: int = 768,
+            depth: int = 2,
+            num_heads: int = 12,
+            qkv_bias: bool = False,
+            class_token: bool = False,
+            embed_layer=LinearPatchEmbed,
+            gwl: bool = True,
+            num_slots: int = 32,
+            slot_dim: int = 32,
+            gwl_heads: int = 8,
+            bottleneck: Optional[int] = 512,
+            cap_bottleneck: bool = True,
+            smoothing: float = 0.9,
+            memory_init: str = 'gaussian',
+            memory_l2norm: bool = False,
+            beta: float = 1.0,
+            hopfield_steps: int = 1,
+            hopfield: bool = True,
+            feed_forward: bool = True,
+            self_attn: bool = True,
+            ablation: Optional[str] = None,
+            **kwargs,
+    ):
+        if ablation is not None:
+            if ablation not in ABLATIONS:
+                raise ValueError(f'unknown ablation {ablation!r}; expected one of {sorted(ABLATIONS)}')
+            overrides = ABLATIONS[ablation]
+            gwl = overrides.get('gwl', gwl)
+            hopfield = overrides.get('hopfield', hopfield)
+            bottleneck = overrides.get('bottleneck', bottleneck)
+            self_attn = overrides.get('self_attn', self_attn)
+            feed_forward = overrides.get('feed_forward', feed_forward)
+        if memory_init not in MEMORY_INITS:
+            raise ValueError(f'unknown memory_init {memory_init!r}; expected one of {MEMORY_INITS}')
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        if gwl:
+            # fail at construction, not at the first forward
+            for name, value in (('num_slots', num_slots), ('slot_dim', slot_dim), ('gwl_heads', gwl_heads)):
+                if value < 1:
+                    raise ValueError(f'{name} must be >= 1, got {value}')
+            if bottleneck is not None and bottleneck < 1:
+                raise ValueError(f'bottleneck must be >= 1 or None, got {bottleneck}')
+            mlp_layer = partial(
+                GlobalWorkspaceLayer, num_slots=num_slots, slot_dim=slot_dim, gwl_heads=gwl_heads,
+                bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
+                memory_init=memory_init, memory_l2norm=memory_l2norm, beta=beta,
+                hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward)
+        else:
+            mlp_layer = kwargs.pop('mlp_layer', Mlp)
+        flatten = global_pool == 'flatten'
+        if flatten:
+            # the authors' head: no final LN(D), an LN over the flattened tokens instead
+            kwargs.setdefault('final_norm', False)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=num_classes,
+            global_pool='' if flatten else global_pool,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            class_token=class_token,
+            embed_layer=embed_layer,
+            mlp_layer=mlp_layer,
+            block_fn=partial(AiTBlock, self_attn=self_attn),
+            **kwargs,
+        )
+        self.has_gwl = gwl
+        self.memory_reset_each_epoch = ablation == 'reset_memory'
+        if flatten:
+            self.global_pool = 'flatten'
+            num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+            self.head_hidden_size = num_tokens * embed_dim
+            self.fc_norm = nn.LayerNorm(self.head_hidden_size)
+            self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+            if kwargs.get('weight_init', '') != 'skip':
+                self.init_weights(needs_reset=False)
+
+    @torch.jit.ignore
+    def balance_loss(self) -> Optional[torch.Tensor]:
+        """Balance loss of the last training forward, summed over heads and layers (None in eval)."""
+        return _balance_loss(self)
+
+    @torch.jit.ignore
+    def reset_memory(self) -> None:
+        """Re-initialise the memory of every GWL."""
+        _reset_memory(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        raise ValueError(f'{type(self).__name__} embeds a fixed image size {self.patch_embed.img_size}; '
+                         'create the model with the img_size you need')
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if self.global_pool != 'flatten':
+            if global_pool == 'flatten':
+                raise ValueError("cannot switch to global_pool='flatten' after construction; "
+                                 "create the model with it")
+            return super().reset_classifier(num_classes, global_pool)
+        if global_pool not in (None, 'flatten', ''):
+            raise ValueError(f"a model built with global_pool='flatten' can only reset to 'flatten' or '' "
+                             f"(no pooling), got {global_pool!r}")
+        self.num_classes = num_classes
+        if global_pool == '':
+            self.global_pool = ''
+            self.fc_norm = nn.Identity()
+            self.head_hidden_size = self.embed_dim
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == 'flatten':
+            return x.flatten(1)
+        return super().pool(x, pool_type)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AssociativeTransformer) -> Dict[str, torch.Tensor]:
+    """Unwrap a training checkpoint and check it against ``model`` before loading.
+
+    Accepts a bare state dict or a timm training checkpoint (``state_dict`` / ``model`` key,
+    ``module.`` prefixes from DDP). Raises a ValueError naming every missing, unexpected or
+    mis-shaped key, so a checkpoint of another variant never loads silently or half-way. The
+    classifier's shape is left to timm, which resets it when ``num_classes`` differs.
+    """
+    for key in ('state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    expected = model.state_dict()
+    classifier = ('head.weight', 'head.bias')
+    missing = sorted(set(expected) - set(state_dict) - set(classifier))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f'{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items()
+        if k in expected and k not in classifier and v.shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+            if keys:
+                shown = ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
+                parts.append(f'{title}: {shown}')
+        raise ValueError(f'checkpoint does not match {type(model).__name__} '
+                         f'(depth {len(model.blocks)}, dim {model.embed_dim}): ' + '; '.join(parts))
+    return state_dict
+
+
+def _create_ait(variant: str, pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        AssociativeTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 10,
+        'input_size': (3, 32, 32),
+        'pool_size': None,
+        'crop_pct': 1.0,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': CIFAR_MEAN,
+        'std': CIFAR_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2309.12862',
+        'paper_name': 'Associative Transformer',
+        **kwargs,
+    }
+
+
+def _cifar_cfgs(name: str, weights_of: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    weights_of = weights_of or name
+    return {
+        f'{name}.cifar10': _cfg(hf_hub_id=hf_hub_id(weights_of, 'cifar10')),
+        f'{name}.cifar100': _cfg(hf_hub_id=hf_hub_id(weights_of, 'cifar100'), num_classes=100),
+    }
+
+
+def _triangle_cfg(name: str) -> Dict[str, Dict[str, Any]]:
+    return {f'{name}.triangle': _cfg(
+        hf_hub_id=hf_hub_id(name, 'triangle'), num_classes=2, input_size=(3, 64, 64),
+        mean=(0., 0., 0.), std=(1., 1., 1.))}
+
+
+def _pet_cfg(name: str) -> Dict[str, Dict[str, Any]]:
+    return {f'{name}.pet': _cfg(
+        hf_hub_id=hf_hub_id(name, 'pet'), num_classes=37, input_size=(3, 224, 224),
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0)}
+
+
+default_cfgs = generate_default_cfgs({
+    **_cifar_cfgs('ait_small_patch4_32'),
+    **_cifar_cfgs('ait_medium_patch4_32'),
+    **_cifar_cfgs('ait_base_patch4_32'),
+    **_triangle_cfg('ait_small_patch32_64'),
+    **_triangle_cfg('ait_medium_patch32_64'),
+    **_triangle_cfg('ait_base_patch32_64'),
+    **_pet_cfg('ait_small_patch16_224'),
+    **_pet_cfg('ait_medium_patch16_224'),
+    **_pet_cfg('ait_base_patch16_224'),
+    # the short names are the CIFAR variants and share their weights
+    **_cifar_cfgs('ait_small', 'ait_small_patch4_32'),
+    **_cifar_cfgs('ait_medium', 'ait_medium_patch4_32'),
+    **_cifar_cfgs('ait_base', 'ait_base_patch4_32'),
+})
+
+_SIZES = dict(
+    small=dict(embed_dim=768, depth=2, num_heads=12),
+    medium=dict(embed_dim=768, depth=6, num_heads=12),
+    base=dict(embed_dim=768, depth=12, num_heads=12),
+)
+# per dataset: image and patch size, bottleneck k and memory slots (SPEC / paper Table 7);
+# num_classes comes from the pretrained cfg of the tag asked for, as in timm
+_CIFAR = dict(img_size=32, patch_size=4, bottleneck=512, num_slots=32)
+_TRIANGLE = dict(img_size=64, patch_size=32, bottleneck=64, num_slots=32)
+_PET = dict(img_size=224, patch_size=16, bottleneck=512, num_slots=128)
+
+
+def _ait(variant: str, size: str, setting: dict, pretrained: bool, **kwargs) -> AssociativeTransformer:
+    return _create_ait(variant, pretrained=pretrained, **{**_SIZES[size], **setting, **kwargs})
+
+
+@register_model
+def ait_small_patch4_32(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Small (2 blocks), 32x32 images, patch 4: CIFAR settings (k=512, 32 slots)."""
+    return _ait('ait_small_patch4_32', 'small', _CIFAR, pretrained, **kwargs)
+
+
+@register_model
+def ait_medium_patch4_32(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Medium (6 blocks), 32x32 images, patch 4: CIFAR settings (k=512, 32 slots)."""
+    return _ait('ait_medium_patch4_32', 'medium', _CIFAR, pretrained, **kwargs)
+
+
+@register_model
+def ait_base_patch4_32(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Base (12 blocks), 32x32 images, patch 4: CIFAR settings (k=512, 32 slots)."""
+    return _ait('ait_base_patch4_32', 'base', _CIFAR, pretrained, **kwargs)
+
+
+@register_model
+def ait_small_patch32_64(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Small, 64x64 images, patch 32: Triangle settings (k=64, 32 slots)."""
+    return _ait('ait_small_patch32_64', 'small', _TRIANGLE, pretrained, **kwargs)
+
+
+@register_model
+def ait_medium_patch32_64(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Medium, 64x64 images, patch 32: Triangle settings (k=64, 32 slots)."""
+    return _ait('ait_medium_patch32_64', 'medium', _TRIANGLE, pretrained, **kwargs)
+
+
+@register_model
+def ait_base_patch32_64(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Base, 64x64 images, patch 32: Triangle settings (k=64, 32 slots)."""
+    return _ait('ait_base_patch32_64', 'base', _TRIANGLE, pretrained, **kwargs)
+
+
+@register_model
+def ait_small_patch16_224(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Small, 224x224 images, patch 16: Oxford Pet settings (k=512, 128 slots)."""
+    return _ait('ait_small_patch16_224', 'small', _PET, pretrained, **kwargs)
+
+
+@register_model
+def ait_medium_patch16_224(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Medium, 224x224 images, patch 16: Oxford Pet settings (k=512, 128 slots)."""
+    return _ait('ait_medium_patch16_224', 'medium', _PET, pretrained, **kwargs)
+
+
+@register_model
+def ait_base_patch16_224(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Base, 224x224 images, patch 16: Oxford Pet settings (k=512, 128 slots)."""
+    return _ait('ait_base_patch16_224', 'base', _PET, pretrained, **kwargs)
+
+
+@register_model
+def ait_small(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Small with CIFAR settings; the same model as ``ait_small_patch4_32``."""
+    return _ait('ait_small', 'small', _CIFAR, pretrained, **kwargs)
+
+
+@register_model
+def ait_medium(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Medium with CIFAR settings; the same model as ``ait_medium_patch4_32``."""
+    return _ait('ait_medium', 'medium', _CIFAR, pretrained, **kwargs)
+
+
+@register_model
+def ait_base(pretrained: bool = False, **kwargs) -> AssociativeTransformer:
+    """AiT-Base with CIFAR settings; the same model as ``ait_base_patch4_32``."""
+    return _ait('ait_base', 'base', _CIFAR, pretrained, **kwargs)
