@@ -21,6 +21,8 @@ def _train_rank(rank, world_size, rdzv, out_dir, steps):
         model = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY)
         # no buffer broadcast: the memory must agree through the averaged write alone
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        torch.manual_seed(rank)
+        model.reset_memory()  # ranks start from different memories: the averaged write must still agree
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
         for _ in range(steps):

@@ -102,16 +102,18 @@ class ExplicitMemory(nn.Module):
         """EWMA-write ``candidate`` (M_hat) over ``current`` (M) and store the result.
 
         Returns the new memory with its gradient to ``candidate``; the stored buffer is its
-        detached value. Under torch.distributed, the candidate is averaged over ranks so that
-        every rank stores the same memory; the returned tensor carries that average forward
-        and the local candidate's gradient backward.
+        detached value. Under torch.distributed the new memory is averaged over ranks, so every
+        rank stores (and reads) the same memory even if the ranks started from different ones
+        (a per-rank reset, say); the gradient is the local one.
         """
-        mean = _distributed_mean(candidate)
-        if mean is not candidate:
-            candidate = candidate + (mean - candidate).detach()
         new = self.smoothing * current + (1.0 - self.smoothing) * candidate
         if self.l2_normalize:
             new = nn.functional.normalize(new, dim=-1)
+        mean = _distributed_mean(new)
+        if mean is not new:
+            # forward: exactly the rank average (x - x is exactly 0), backward: the local gradient;
+            # `new + (mean - new).detach()` would round differently on every rank
+            new = mean + (new - new.detach())
         if not is_recomputing():
             self._before_write = current.detach()
             self.memory.copy_(new.detach())

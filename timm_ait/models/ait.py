@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Mlp
+from timm.layers import Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..engine import check_state_dict
 from ..hub import hf_hub_id
 from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
@@ -164,6 +165,13 @@ class AssociativeTransformer(VisionTransformer):
             if kwargs.get('weight_init', '') != 'skip':
                 self.init_weights(needs_reset=False)
 
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        super().init_weights(mode, needs_reset)
+        if self.global_pool == 'flatten' and isinstance(self.head, nn.Linear):
+            # timm's std 0.02 over N*D inputs would start with logits of std 0.02*sqrt(N*D) (about 4 at
+            # CIFAR size); scale it so they start as a ViT's pooled head does, 0.02*sqrt(D)
+            trunc_normal_(self.head.weight, std=.02 * (self.embed_dim / self.head_hidden_size) ** 0.5)
+
     @torch.jit.ignore
     def balance_loss(self) -> Optional[torch.Tensor]:
         """Balance loss of the last training forward, summed over heads and layers (None in eval)."""
@@ -221,22 +229,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-    expected = model.state_dict()
-    classifier = ('head.weight', 'head.bias')
-    missing = sorted(set(expected) - set(state_dict) - set(classifier))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f'{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}'
-        for k, v in state_dict.items()
-        if k in expected and k not in classifier and v.shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        parts = []
-        for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
-            if keys:
-                shown = ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
-                parts.append(f'{title}: {shown}')
-        raise ValueError(f'checkpoint does not match {type(model).__name__} '
-                         f'(depth {len(model.blocks)}, dim {model.embed_dim}): ' + '; '.join(parts))
+    check_state_dict(state_dict, model, ignore=('head.weight', 'head.bias'))
     return state_dict
 
 
