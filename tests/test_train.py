@@ -1,0 +1,150 @@
+"""train.py and validate.py end to end on small generated data (CPU)."""
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, 'train_scripts', 'train.py')
+VALIDATE = os.path.join(REPO, 'train_scripts', 'validate.py')
+TINY_KWARGS = ['embed_dim=32', 'num_heads=2', 'num_slots=6', 'slot_dim=8', 'gwl_heads=2', 'bottleneck=16',
+               'patch_size=16']
+TRIANGLE = ['--model', 'ait_small_patch32_64', '--dataset', 'triangle', '--train-num-samples', '96',
+            '--val-num-samples', '40', '-b', '16', '--workers', '0', '--warmup-epochs', '0', '--lr', '1e-3',
+            '--log-interval', '2', '--model-kwargs', *TINY_KWARGS]
+
+
+def run(script, *args, env=None, check=True, **kwargs):
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
+def read_summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def state_of(path):
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Two epochs of a tiny AiT on generated Triangle data."""
+    root = tmp_path_factory.mktemp('train')
+    data = str(root / 'data')
+    run(TRAIN, *TRIANGLE, '--epochs', '2', '--data-dir', data, '--output', str(root), '--experiment', 'run')
+    return root, data
+
+
+def test_training_writes_summary_and_checkpoints(trained):
+    root, _ = trained
+    run_dir = root / 'run'
+    for name in ('summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'args.yaml'):
+        assert (run_dir / name).is_file(), name
+    rows = read_summary(run_dir / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for column in ('train_loss', 'train_balance_loss', 'eval_top1', 'eval_top5', 'lr'):
+        assert column in rows[0]
+    assert float(rows[0]['train_balance_loss']) > 0  # the GWL reported its balance loss
+    state = state_of(run_dir / 'last.pth.tar')
+    assert any(k.endswith('memory.memory') for k in state)
+
+
+def test_validate_reproduces_final_eval_at_any_batch_size(trained, tmp_path):
+    root, data = trained
+    final_top1 = float(read_summary(root / 'run' / 'summary.csv')[-1]['eval_top1'])
+    results = []
+    for batch in ('1', '40'):
+        out = tmp_path / f'b{batch}.json'
+        run(VALIDATE, '--model', 'ait_small_patch32_64', '--checkpoint', str(root / 'run' / 'last.pth.tar'),
+            '--dataset', 'triangle', '--data-dir', data, '--num-samples', '40', '-b', batch, '-j', '0',
+            '--results-file', str(out))
+        results.append(__import__('json').loads(out.read_text()))
+    assert results[0]['top1'] == pytest.approx(final_top1, abs=1e-3)
+    assert results[1]['top1'] == results[0]['top1']
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(trained):
+    root, data = trained
+    run(TRAIN, *TRIANGLE, '--epochs', '2', '--data-dir', data, '--output', str(root), '--experiment', 'resumed',
+        '--resume', str(root / 'run' / 'checkpoint-0.pth.tar'))
+    a, b = state_of(root / 'run' / 'last.pth.tar'), state_of(root / 'resumed' / 'last.pth.tar')
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    rows = read_summary(root / 'resumed' / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['1']
+
+
+def test_torchrun_two_cpu_ranks_agree(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', TRAIN, *TRIANGLE,
+         '--epochs', '1', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'ddp'],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert re.search(r'All 2 ranks end with the same weights and memory \(sha256 [0-9a-f]{64}\)', log), log
+    assert (tmp_path / 'ddp' / 'last.pth.tar').is_file()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'ait_smal'], "unknown model 'ait_smal'"),
+    (['--dataset', 'mnist'], "unknown dataset 'mnist'"),
+    (['--dataset', 'torch/cifar10', '--data-dir', '/nonexistent/cifar'], "data directory '/nonexistent/cifar'"),
+    (['--resume', '/nonexistent/last.pth.tar'], "--resume '/nonexistent/last.pth.tar' does not exist"),
+])
+def test_bad_requests_fail_before_any_work(args, message, tmp_path):
+    proc = run(TRAIN, *args, '--output', str(tmp_path), '--experiment', 'x', check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / 'x').exists()
+
+
+def test_unreadable_and_mismatched_resume_files(trained, tmp_path):
+    root, data = trained
+    garbage = tmp_path / 'garbage.pth.tar'
+    garbage.write_bytes(b'not a checkpoint')
+    proc = run(TRAIN, *TRIANGLE, '--resume', str(garbage), '--output', str(tmp_path), '--experiment', 'g',
+               check=False)
+    assert proc.returncode == 2 and 'cannot be read' in proc.stderr, proc.stderr
+    # a checkpoint of a deeper variant
+    proc = run(TRAIN, *TRIANGLE, '--model-kwargs', *TINY_KWARGS, 'depth=3', '--data-dir', data,
+               '--resume', str(root / 'run' / 'last.pth.tar'), '--output', str(tmp_path), '--experiment', 'm',
+               check=False)
+    assert proc.returncode == 2 and 'unexpected' not in proc.stderr and 'missing: blocks.2.' in proc.stderr, proc.stderr
+
+
+def test_existing_checkpoints_are_never_overwritten(trained):
+    root, data = trained
+    last = root / 'run' / 'last.pth.tar'
+    before = last.read_bytes()
+    proc = run(TRAIN, *TRIANGLE, '--epochs', '1', '--data-dir', data, '--output', str(root), '--experiment', 'run',
+               check=False)
+    assert proc.returncode == 2 and 'already holds checkpoints' in proc.stderr, proc.stderr
+    assert last.read_bytes() == before
+
+
+def test_yaml_config_and_unknown_keys(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('model: ait_small\nlearning_rate: 0.1\n')
+    proc = run(TRAIN, '-c', str(bad), check=False)
+    assert proc.returncode == 2 and "unknown keys ['learning_rate']" in proc.stderr
+
+
+@pytest.mark.parametrize('config', sorted(os.listdir(os.path.join(REPO, 'train_scripts', 'configs'))))
+def test_shipped_configs_parse(config):
+    sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
+    try:
+        import train
+        args = train.parse_args(['-c', os.path.join(REPO, 'train_scripts', 'configs', config)])
+        train.check_args(args)
+    finally:
+        sys.path.pop(0)

@@ -1,0 +1,124 @@
+"""One entry point for every dataset the training and validation scripts accept."""
+import os
+from typing import Optional
+
+from torch.utils.data import Dataset, Subset
+
+__all__ = ['DATASETS', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug']
+
+# name -> what it is; generated datasets need no data directory
+DATASETS = {
+    'triangle': 'Triangle (generated, 64x64, 2 classes)',
+    'sort-of-clevr': 'Sort-of-CLEVR (generated, 75x75 images with questions, 10 answers)',
+    'torch/cifar10': 'CIFAR-10 through torchvision',
+    'torch/cifar100': 'CIFAR-100 through torchvision',
+    'torch/oxford-pet': 'Oxford-IIIT Pet through torchvision (37 classes)',
+    'folder': 'an image folder per split (DATA_DIR/SPLIT/CLASS/*.jpg), through timm',
+}
+_TRAIN_SPLITS = ('train', 'training')
+# generated data whose labels a crop or a flip would change (a clipped cluster, 'is it on the left')
+_NO_AUG = ('triangle', 'sort-of-clevr')
+
+
+def is_train_split(split: str) -> bool:
+    return split in _TRAIN_SPLITS
+
+
+def dataset_needs_no_aug(name: str) -> bool:
+    return name in _NO_AUG
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        known = '\n'.join(f'  {k}: {v}' for k, v in DATASETS.items())
+        raise ValueError(f'unknown dataset {name!r}; expected one of:\n{known}')
+
+
+def _require_dir(path: Optional[str], name: str, download: bool) -> str:
+    if not path:
+        raise ValueError(f'dataset {name!r} needs --data-dir' + (' (add --dataset-download to fetch it there)'
+                                                                  if name.startswith('torch/') else ''))
+    if not download and not os.path.isdir(path):
+        raise FileNotFoundError(f'data directory {path!r} for dataset {name!r} does not exist'
+                                + (' (add --dataset-download to fetch it)' if name.startswith('torch/') else ''))
+    return path
+
+
+def create_ait_dataset(
+        name: str,
+        root: Optional[str] = None,
+        split: str = 'train',
+        download: bool = False,
+        num_samples: Optional[int] = None,
+        seed: int = 0,
+        questions: str = 'all',
+        progress: bool = True,
+) -> Dataset:
+    """Build the dataset ``name`` for ``split`` ('train'/'training' or anything else for the test set).
+
+    ``num_samples`` sets the size of a generated dataset (images for Sort-of-CLEVR) and takes the
+    first ``num_samples`` items of the others. Raises a clear error for an unknown name or a
+    missing data directory before anything is read.
+    """
+    _check_name(name)
+    train = is_train_split(split)
+    if name == 'triangle':
+        from .triangle import TriangleDataset
+        return TriangleDataset(root=root or None, split='train' if train else 'test', num_samples=num_samples,
+                               seed=seed, progress=progress)
+    if name == 'sort-of-clevr':
+        from .sort_of_clevr import SortOfClevr
+        return SortOfClevr(root=root or None, split='train' if train else 'test', num_images=num_samples,
+                           seed=seed, questions=questions, progress=progress)
+
+    root = _require_dir(root, name, download)
+    try:
+        if name in ('torch/cifar10', 'torch/cifar100'):
+            from timm.data import create_dataset
+            dataset = create_dataset(name, root=root, split='train' if train else 'validation',
+                                     download=download, is_training=train)
+        elif name == 'torch/oxford-pet':
+            from torchvision.datasets import OxfordIIITPet
+            dataset = _WithTransform(OxfordIIITPet(root, split='trainval' if train else 'test',
+                                                   target_types='category', download=download))
+        else:
+            from timm.data import create_dataset
+            split_dir = os.path.join(root, split)
+            if not os.path.isdir(split_dir):
+                raise FileNotFoundError(f'image folder dataset: no directory {split_dir!r} for split {split!r}')
+            dataset = create_dataset('', root=split_dir, is_training=train)
+    except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted'
+        raise FileNotFoundError(f'dataset {name!r} not found under {root!r}: {e} '
+                                '(add --dataset-download to fetch it)') from e
+    if num_samples is not None and num_samples < len(dataset):
+        dataset = _TransformableSubset(dataset, range(num_samples))
+    return dataset
+
+
+class _TransformableSubset(Subset):
+    """A Subset whose ``transform`` reaches the wrapped dataset, as timm's loader sets it."""
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+
+class _WithTransform(Dataset):
+    """Applies a settable ``transform`` to the images of a dataset that fixes its transforms at
+    construction (torchvision's OxfordIIITPet), as timm's loader expects to set it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        image = image.convert('RGB')
+        return (self.transform(image) if self.transform is not None else image), target

@@ -1,0 +1,127 @@
+"""Pieces shared by the training and validation scripts: evaluation, checkpoints, AMP."""
+import argparse
+import hashlib
+import os
+from collections import OrderedDict
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ['to_device', 'amp_context', 'evaluate', 'check_state_dict', 'load_training_checkpoint', 'model_state_dict',
+           'state_digest']
+
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def to_device(x, device: torch.device, non_blocking: bool = False):
+    """Move a tensor, or a tuple/list of them (images and questions), to ``device``."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(t, device, non_blocking) for t in x)
+    return x.to(device, non_blocking=non_blocking)
+
+
+def amp_context(enabled: bool, dtype: str, device: torch.device) -> Callable[[], Any]:
+    """A factory of autocast contexts (or of null contexts when AMP is off)."""
+    if not enabled:
+        return nullcontext
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f'unknown --amp-dtype {dtype!r}; expected one of {sorted(AMP_DTYPES)}')
+    return partial(torch.autocast, device_type=device.type, dtype=AMP_DTYPES[dtype])
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader,
+        device: torch.device,
+        autocast: Callable[[], Any] = nullcontext,
+        relational: Optional[np.ndarray] = None,
+) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (percent) of ``model`` in eval mode over ``loader``.
+
+    ``relational`` (one bool per item, in loader order) adds top-1 over the relational and the
+    non-relational items separately (Sort-of-CLEVR). The model is in eval mode, so its memory is
+    not written and a prediction does not depend on the rest of its batch.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    loss_sum, correct1, correct5, seen = 0.0, [], 0, 0
+    for input, target in loader:
+        input, target = to_device(input, device), target.to(device)
+        with autocast():
+            output = model(*input) if isinstance(input, (tuple, list)) else model(input)
+        output = output.float()
+        loss_sum += criterion(output, target).item()
+        top = output.topk(min(5, output.shape[-1]), dim=-1).indices
+        hits = top.eq(target[:, None])
+        correct1.append(hits[:, 0].cpu())
+        correct5 += hits.any(-1).sum().item()
+        seen += target.shape[0]
+    if not seen:
+        raise ValueError('the evaluation loader yielded no samples')
+    correct1 = torch.cat(correct1).numpy()
+    # plain floats: they are saved in checkpoints, which load with weights_only=True
+    metrics = OrderedDict(loss=loss_sum / seen, top1=100.0 * float(correct1.mean()), top5=100.0 * correct5 / seen)
+    if relational is not None:
+        relational = np.asarray(relational, dtype=bool)[:seen]
+        for name, mask in (('relational_top1', relational), ('non_relational_top1', ~relational)):
+            metrics[name] = 100.0 * float(correct1[mask].mean()) if mask.any() else float('nan')
+    return metrics
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint written by the training script (or a bare state dict), with a clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated file, not a torch file, unsafe contents
+        raise ValueError(f'checkpoint {path!r} cannot be read: {type(e).__name__}: {e}') from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict')
+    return checkpoint
+
+
+def model_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model weights of a training checkpoint (plain or EMA), DDP prefixes removed."""
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if use_ema and key not in checkpoint:
+        raise ValueError('the checkpoint has no EMA weights (state_dict_ema); train with --model-ema')
+    state_dict = checkpoint.get(key, checkpoint.get('model', checkpoint))
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def check_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        what: str = 'checkpoint',
+        ignore: Sequence[str] = (),
+) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped key (``ignore``: keys whose
+    absence or shape is someone else's business, e.g. a classifier that timm will reset)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict) - set(ignore))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(f'{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}'
+                        for k, v in state_dict.items()
+                        if k in expected and k not in ignore and v.shape != expected[k].shape)
+    problems = []
+    for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+        if keys:
+            problems.append(f'{title}: ' + ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else ''))
+    if problems:
+        raise ValueError(f'{what} does not match {type(model).__name__}: ' + '; '.join(problems))
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (memory included), to show that ranks agree bit for bit."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

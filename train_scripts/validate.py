@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+""" Top-1 / top-5 of a checkpoint or a pretrained model on a dataset, printed as JSON.
+
+    python train_scripts/validate.py --model ait_small_patch32_64 --dataset triangle \
+        --checkpoint output/train/demo/model_best.pth.tar -b 1
+
+The model runs in eval mode: its memory is frozen and a sample's prediction does not depend on
+the rest of its batch, so any batch size gives the same result (the paper evaluates with 1).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+import timm
+from timm.data import create_loader, resolve_data_config
+from timm.utils import ParseKwargs, setup_default_logging
+
+import timm_ait  # noqa: F401  (registers the models)
+from timm_ait.data.factory import DATASETS, create_ait_dataset
+from timm_ait.engine import amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict
+
+_logger = logging.getLogger('validate')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='timm-ait validation',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--model', required=True)
+    parser.add_argument('--checkpoint', default='', metavar='PATH', help='training checkpoint or state dict')
+    parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
+    parser.add_argument('--pretrained', action='store_true', help='published weights (Hugging Face Hub)')
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--dataset', '-d', default='triangle', help=f'one of {list(DATASETS)}')
+    parser.add_argument('--data-dir', default=None)
+    parser.add_argument('--split', default='validation')
+    parser.add_argument('--dataset-download', action='store_true')
+    parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
+    parser.add_argument('--seed', type=int, default=42, help='seed of a generated dataset (as in training)')
+    parser.add_argument('-b', '--batch-size', type=int, default=256)
+    parser.add_argument('-j', '--workers', type=int, default=2)
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--amp-dtype', default='bfloat16')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--results-file', default='', help='also write the JSON here')
+    return parser
+
+
+def load_model(args) -> torch.nn.Module:
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown model {args.model!r}')
+    if args.checkpoint and args.pretrained:
+        raise ValueError('give either --checkpoint or --pretrained, not both')
+    if args.dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    kwargs = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    checkpoint = load_training_checkpoint(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and 'args' in checkpoint and not args.model_kwargs:
+        # rebuild the model as it was trained (ablations and sizes live in the training args)
+        kwargs = {**vars(checkpoint['args']).get('model_kwargs', {}), **kwargs}
+        trained_classes = vars(checkpoint['args']).get('num_classes')
+        if trained_classes is not None:
+            kwargs.setdefault('num_classes', trained_classes)
+    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    if checkpoint is not None:
+        state_dict = model_state_dict(checkpoint, use_ema=args.use_ema)
+        check_state_dict(state_dict, model, f'checkpoint {args.checkpoint!r}')
+        model.load_state_dict(state_dict)
+    return model
+
+
+def validate(args) -> dict:
+    device = torch.device(args.device)
+    model = load_model(args).to(device).eval()
+    data_config = resolve_data_config(vars(args), model=model)
+    dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
+                                 num_samples=args.num_samples, seed=args.seed)
+    two_inputs = args.dataset == 'sort-of-clevr'
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
+        use_prefetcher=device.type == 'cuda' and not two_inputs, persistent_workers=False)
+    start = time.time()
+    metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
+                       getattr(dataset, 'is_relational', None))
+    results = dict(
+        model=args.model, checkpoint=args.checkpoint or None, pretrained=args.pretrained, dataset=args.dataset,
+        split=args.split, num_samples=len(dataset), batch_size=args.batch_size,
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        **{k: round(float(v), 4) for k, v in metrics.items()},
+        seconds=round(time.time() - start, 2),
+    )
+    return results
+
+
+def main(argv=None) -> dict:
+    setup_default_logging()
+    args = build_parser().parse_args(argv)
+    results = validate(args)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.results_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+        with open(args.results_file, 'w') as f:
+            f.write(text + '\n')
+    return results
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
