@@ -1,1 +1,2 @@
 from .ait import *  # noqa: F401,F403
+from .ait_relational import *  # noqa: F401,F403
