@@ -1,0 +1,102 @@
+"""The dataset factory on small stand-ins for the torchvision datasets (no download)."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from timm_ait.data.factory import create_ait_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cifar10_root(tmp_path, monkeypatch):
+    """A CIFAR-10 folder in torchvision's layout with 8 images per batch file."""
+    folder = tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        batch = {'data': rng.integers(0, 256, (8, 3072), dtype=np.uint8), 'labels': list(rng.integers(0, 10, 8))}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': [f'class{i}' for i in range(10)]}, f)
+    # the stand-in files cannot match CIFAR's md5 sums
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, '_check_integrity', lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda path, md5=None: True)
+    return tmp_path
+
+
+def test_cifar10_splits(cifar10_root):
+    train = create_ait_dataset('torch/cifar10', root=str(cifar10_root), split='train')
+    test = create_ait_dataset('torch/cifar10', root=str(cifar10_root), split='validation')
+    assert (len(train), len(test)) == (40, 8)
+    image, label = train[0]
+    assert isinstance(image, Image.Image) and image.size == (32, 32) and 0 <= label < 10
+    assert len(create_ait_dataset('torch/cifar10', root=str(cifar10_root), split='train', num_samples=5)) == 5
+
+
+def test_training_on_cifar_stand_in(cifar10_root, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
+    try:
+        import train
+        metrics = train.main([
+            '--model', 'ait_small_patch4_32', '--dataset', 'torch/cifar10', '--data-dir', str(cifar10_root),
+            '--epochs', '1', '-b', '8', '--workers', '0', '--warmup-epochs', '0', '--output', str(tmp_path / 'out'),
+            '--experiment', 'cifar', '--train-num-samples', '16', '--hflip', '0.5', '--scale', '0.75', '1',
+            '--model-kwargs', 'embed_dim=32', 'num_heads=2', 'num_slots=4', 'slot_dim=8', 'gwl_heads=2',
+            'bottleneck=8', 'patch_size=8'])
+    finally:
+        sys.path.pop(0)
+    assert 0 <= metrics['top1'] <= 100
+    assert (tmp_path / 'out' / 'cifar' / 'last.pth.tar').is_file()
+
+
+def test_oxford_pet_stand_in(tmp_path):
+    base = tmp_path / 'oxford-iiit-pet'
+    (base / 'images').mkdir(parents=True)
+    (base / 'annotations').mkdir()
+    lines = []
+    for i, (breed, label) in enumerate([('Abyssinian', 1), ('beagle', 2)] * 2):
+        image_id = f'{breed}_{i}'
+        Image.fromarray(np.full((40, 30, 3), 40 * i, np.uint8)).save(base / 'images' / f'{image_id}.jpg')
+        lines.append(f'{image_id} {label} 1 1')
+    for split in ('trainval', 'test'):
+        (base / 'annotations' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    dataset = create_ait_dataset('torch/oxford-pet', root=str(tmp_path), split='train')
+    assert len(dataset) == 4
+    image, label = dataset[0]
+    assert image.mode == 'RGB' and label in (0, 1)
+    dataset.transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize((16, 16)), torchvision.transforms.ToTensor()])
+    assert dataset[1][0].shape == (3, 16, 16)  # timm's loader sets the transform after construction
+
+
+def test_image_folder(tmp_path):
+    for cls in ('cat', 'dog'):
+        (tmp_path / 'train' / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / cls / 'a.png')
+    dataset = create_ait_dataset('folder', root=str(tmp_path), split='train')
+    assert len(dataset) == 2
+    with pytest.raises(FileNotFoundError, match="no directory .* for split 'validation'"):
+        create_ait_dataset('folder', root=str(tmp_path), split='validation')
+
+
+@pytest.mark.parametrize('name,root,error,match', [
+    ('imagenet', None, ValueError, "unknown dataset 'imagenet'"),
+    ('torch/cifar10', None, ValueError, 'needs --data-dir'),
+    ('torch/cifar100', '/nonexistent/c100', FileNotFoundError, "data directory '/nonexistent/c100'"),
+])
+def test_dataset_errors(name, root, error, match):
+    with pytest.raises(error, match=match):
+        create_ait_dataset(name, root=root)
+
+
+def test_missing_cifar_files_in_an_existing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--dataset-download'):
+        create_ait_dataset('torch/cifar10', root=str(tmp_path))
