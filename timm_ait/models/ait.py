@@ -27,6 +27,7 @@ from timm.layers import Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..engine import check_state_dict
 from ..hub import hf_hub_id
 from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
@@ -34,9 +35,6 @@ from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
 
 __all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn']
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 # The paper's Table 2, as keyword arguments of the model. 'reset_memory' is a training-time
 # ablation: the model only records it, the training task re-initialises the memory each epoch.

@@ -1,0 +1,381 @@
+"""Tests for the parallelized MLP-Mixer family (timm_ait.models.paramixer)."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+from timm.models import get_pretrained_cfg, group_parameters
+from timm.optim import create_optimizer_v2
+
+import timm_ait  # noqa: F401  (registers the models)
+from timm_ait.hub import HF_HUB_ORG, hf_hub_id
+from timm_ait.models.paramixer import (
+    HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp, checkpoint_filter_fn,
+)
+
+BLOCK_TYPES = ('serial', 'parallel', 'symmetric', 'symbreak')
+# size tag -> (embed_dim, num_blocks, patch_size, img_size)
+SIZES = {
+    's16_224': (512, 8, 16, 224),
+    's32_224': (512, 8, 32, 224),
+    'b16_224': (768, 12, 16, 224),
+    'b32_224': (768, 12, 32, 224),
+    's4_32': (512, 8, 4, 32),
+}
+NAMES = [f'hmixer_{b}_{s}' for b in BLOCK_TYPES for s in SIZES]
+
+
+def _tiny(block_type='parallel', **kwargs):
+    """3 blocks of width 32 on 16x16 images with patch 4: 16 tokens."""
+    torch.manual_seed(kwargs.pop('seed', 0))
+    return HamMixer(
+        num_classes=5, img_size=16, patch_size=4, num_blocks=3, embed_dim=32, block_type=block_type, **kwargs)
+
+
+def _numel(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _expected_params(block_type, embed_dim, num_blocks, patch_size, img_size, num_classes, bias=False):
+    """Parameter count from the architecture's dimensions alone."""
+    n = (img_size // patch_size) ** 2
+    tokens_dim, channels_dim = embed_dim // 2, 4 * embed_dim
+
+    def mlp(d, h, tied):
+        return (1 if tied else 2) * d * h + (h + d if bias else 0)
+
+    tied = block_type == 'symmetric'
+    num_norms = 2 if block_type == 'serial' else 1
+    block = num_norms * 2 * n * embed_dim + mlp(n, tokens_dim, tied) + mlp(embed_dim, channels_dim, tied)
+    stem = 3 * patch_size ** 2 * embed_dim + embed_dim
+    return stem + num_blocks * block + 2 * embed_dim + embed_dim * num_classes + num_classes
+
+
+def _random_head(model):
+    # the head is zero-initialised (as timm's Mixer), which would zero every gradient below it
+    nn.init.normal_(model.head.weight, std=0.02)
+
+
+def _forward_backward(model, batch_size):
+    _, h, w = model.pretrained_cfg['input_size']
+    out = model(torch.randn(batch_size, 3, h, w))
+    assert out.shape == (batch_size, model.num_classes)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    # every parameter takes part in the forward pass, so none is left without a gradient
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f'parameters without gradient: {no_grad}'
+
+
+# --- registry and pretrained cfgs -------------------------------------------------------------------------
+
+
+def test_registered_names():
+    assert sorted(timm.list_models('hmixer_*')) == sorted(NAMES)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_default_cfg(name):
+    cfg = get_pretrained_cfg(name)
+    cifar = name.endswith('_32')
+    tag = 'cifar10' if cifar else 'in1k'
+    assert cfg.tag == tag
+    assert cfg.hf_hub_id == hf_hub_id(name, tag) == f'{HF_HUB_ORG}/{name}.{tag}'
+    assert cfg.num_classes == (10 if cifar else 1000)
+    assert cfg.input_size == ((3, 32, 32) if cifar else (3, 224, 224))
+    if cifar:
+        assert cfg.mean == (0.4914, 0.4822, 0.4465) and cfg.std == (0.2470, 0.2435, 0.2616)
+    assert cfg.fixed_input_size
+    assert (cfg.first_conv, cfg.classifier) == ('stem.proj', 'head')
+    assert cfg.paper_ids == 'arXiv:2406.12220' and cfg.license == 'apache-2.0'
+
+
+# --- every registered model builds, runs forward and backward ---------------------------------------------
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if n.endswith('_32')])
+def test_build_forward_backward(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    _random_head(model)
+    _forward_backward(model, 2)
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if n.endswith('_224')])
+def test_build_forward_backward_224_on_meta(name):
+    # the 224 models build and their forward and backward run on the meta device: every shape and
+    # every gradient path without the CPU time; one of them runs for real below
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=3)
+        out = model(torch.randn(1, 3, 224, 224))
+        assert out.shape == (1, 3)
+        out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    block_type, size = name.split('_')[1], name.split('_')[2][0]
+    embed_dim, num_blocks = (512, 8) if size == 's' else (768, 12)
+    assert _numel(model) == _expected_params(block_type, embed_dim, num_blocks, int(name.split('_')[2][1:]), 224, 3)
+
+
+def test_forward_backward_b16():
+    # the slowest size runs forward/backward once; symbreak exercises both the tied and the free matrix
+    torch.manual_seed(0)
+    model = timm.create_model('hmixer_symbreak_b16_224', num_classes=3)
+    _random_head(model)
+    _forward_backward(model, 1)
+
+
+# --- parameter counts ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('mlp_bias', [False, True])
+def test_param_counts(size, mlp_bias):
+    # every registered name (on the meta device: counts only), with and without MLP biases
+    embed_dim, num_blocks, patch_size, img_size = SIZES[size]
+    n = (img_size // patch_size) ** 2
+    models = {b: timm.create_model(f'hmixer_{b}_{size}', mlp_bias=mlp_bias, device='meta') for b in BLOCK_TYPES}
+    counts = {b: _numel(m) for b, m in models.items()}
+    for b, m in models.items():
+        # with biases every MLP, tied or not, has a hidden bias and one output bias
+        assert counts[b] == _expected_params(b, *SIZES[size], m.num_classes, bias=mlp_bias)
+    # per block: the token MLP's W2 (n x D/2) and the channel MLP's W2 (D x 4D) are W1^T instead
+    tied = num_blocks * (n * (embed_dim // 2) + embed_dim * 4 * embed_dim)
+    assert counts['parallel'] - counts['symmetric'] == tied
+    assert counts['symbreak'] == counts['parallel']
+    # the serial block has a second (N, D) LayerNorm
+    assert counts['serial'] - counts['parallel'] == num_blocks * 2 * n * embed_dim
+
+
+# --- the symmetric and symmetry-breaking MLPs ----------------------------------------------------------------
+
+
+def test_symmetric_mlp_has_one_matrix_used_both_ways():
+    torch.manual_seed(0)
+    mlp = SymmetricMlp(6, 10)
+    assert [n for n, _ in mlp.named_parameters()] == ['fc1.weight']
+    assert mlp.fc1.weight.shape == (10, 6)
+    z = torch.randn(4, 6)
+    w = mlp.fc1.weight
+    torch.testing.assert_close(mlp(z), F.gelu(z @ w.t()) @ w)
+
+    with_bias = SymmetricMlp(6, 10, bias=True)
+    assert sorted(n for n, _ in with_bias.named_parameters()) == ['bias_out', 'fc1.bias', 'fc1.weight']
+
+
+def test_symmetric_mlp_gradient_sums_both_uses():
+    torch.manual_seed(0)
+    mlp = SymmetricMlp(5, 7, act_layer=nn.Tanh).double()
+    z = torch.randn(3, 5, dtype=torch.float64)
+    c = torch.randn(3, 5, dtype=torch.float64)
+    (c * mlp(z)).sum().backward()
+
+    # L = sum(C * tanh(Z W^T) W): W as the output matrix gives H^T C, W as the input matrix gives the rest
+    w = mlp.fc1.weight.detach()
+    h = torch.tanh(z @ w.t())
+    grad_as_output = h.t() @ c
+    grad_as_input = ((c @ w.t()) * (1 - h ** 2)).t() @ z
+    torch.testing.assert_close(mlp.fc1.weight.grad, grad_as_output + grad_as_input)
+    assert grad_as_output.abs().max() > 1e-3 and grad_as_input.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_symmetry_breaking_is_symmetric_plus_breaking_term(bias):
+    torch.manual_seed(0)
+    sb = SymmetryBreakingMlp(6, 10, bias=bias)
+    if bias:
+        nn.init.normal_(sb.bias_out)
+    sym = SymmetricMlp(6, 10, bias=bias)
+    missing, unexpected = sym.load_state_dict(sb.state_dict(), strict=False)
+    assert missing == [] and unexpected == ['fc2.weight']
+
+    z = torch.randn(4, 3, 6)
+    breaking = sb.fc2(sb.act(sb.fc1(z)))
+    assert breaking.abs().max() > 1e-3
+    assert torch.equal(sb(z), sym(z) + breaking)
+    nn.init.zeros_(sb.fc2.weight)
+    assert torch.equal(sb(z), sym(z))
+
+
+# --- blocks -------------------------------------------------------------------------------------------------
+
+
+def _randomize_norms(module):
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.normal_(m.weight, mean=1., std=0.2)
+            nn.init.normal_(m.bias, std=0.2)
+
+
+def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
+    torch.manual_seed(0)
+    n, d = 16, 24
+    blk = ParallelMixerBlock(d, n)
+    _randomize_norms(blk)
+    assert [m.normalized_shape for m in blk.modules() if isinstance(m, nn.LayerNorm)] == [(n, d)]
+    x = torch.randn(2, n, d)
+
+    # one LayerNorm over the whole (tokens, channels) map of each sample
+    mu = x.mean(dim=(1, 2), keepdim=True)
+    var = x.var(dim=(1, 2), unbiased=False, keepdim=True)
+    z = (x - mu) / torch.sqrt(var + blk.norm.eps) * blk.norm.weight + blk.norm.bias
+    torch.testing.assert_close(blk.norm(x), z)
+
+    token_mixing = blk.mlp_tokens(z.transpose(1, 2)).transpose(1, 2)
+    channel_mixing = blk.mlp_channels(z)
+    torch.testing.assert_close(blk(x), x + token_mixing + channel_mixing)
+
+    serial = SerialMixerBlock(d, n)
+    serial.load_state_dict({
+        k.replace('norm.', 'norm1.'): v for k, v in blk.state_dict().items()} | {
+        k.replace('norm.', 'norm2.'): v for k, v in blk.state_dict().items() if k.startswith('norm.')})
+    x1 = x + serial.mlp_tokens(serial.norm1(x).transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(serial(x), x1 + serial.mlp_channels(serial.norm2(x1)))
+    assert (serial(x) - blk(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize('block_type, block_cls, mlp_cls', [
+    ('serial', SerialMixerBlock, 'Mlp'),
+    ('parallel', ParallelMixerBlock, 'Mlp'),
+    ('symmetric', ParallelMixerBlock, 'SymmetricMlp'),
+    ('symbreak', ParallelMixerBlock, 'SymmetryBreakingMlp'),
+])
+def test_block_type_wiring(block_type, block_cls, mlp_cls):
+    model = _tiny(block_type)
+    assert model.block_type == block_type
+    for blk in model.blocks:
+        assert type(blk) is block_cls
+        assert type(blk.mlp_tokens).__name__ == type(blk.mlp_channels).__name__ == mlp_cls
+    assert model.blocks[0].mlp_tokens.fc1.weight.shape == (16, 16)  # tokens -> D/2 = 16
+    assert model.blocks[0].mlp_channels.fc1.weight.shape == (128, 32)  # D -> 4D
+
+
+@pytest.mark.parametrize('block_type', BLOCK_TYPES)
+def test_dropout_and_drop_path_only_in_training(block_type):
+    model = _tiny(block_type, drop_path_rate=0.5, proj_drop_rate=0.2, drop_rate=0.2)
+    _random_head(model)
+    x = torch.randn(4, 3, 16, 16)
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+# --- timm model API -----------------------------------------------------------------------------------------
+
+
+def test_forward_intermediates():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(inter) == 3 and all(t.shape == (2, 32, 4, 4) for t in inter)
+
+    nlc = model.forward_intermediates(x, indices=[0, 2], output_fmt='NLC', intermediates_only=True)
+    assert [t.shape for t in nlc] == [(2, 16, 32)] * 2
+    torch.testing.assert_close(nlc[0].reshape(2, 4, 4, 32).permute(0, 3, 1, 2), inter[0])
+
+    early = model.forward_intermediates(x, indices=[1], stop_early=True, norm=True, intermediates_only=True)
+    normed = model.norm(inter[1].flatten(2).transpose(1, 2))
+    torch.testing.assert_close(early[0], normed.transpose(1, 2).reshape(2, 32, 4, 4))
+
+    assert model.prune_intermediate_layers(indices=[1]) == [1]
+    assert len(model.blocks) == 2 and isinstance(model.head, nn.Identity)
+
+
+def test_features_only():
+    model = timm.create_model(
+        'hmixer_symmetric_s4_32', features_only=True, out_indices=(1, 3), num_blocks=4, embed_dim=32)
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in feats] == [(2, 32, 8, 8)] * 2
+    assert model.feature_info.channels() == [32, 32] and model.feature_info.reduction() == [4, 4]
+
+
+def test_reset_classifier_and_pre_logits():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x).shape == (2, 5) and model.get_classifier() is model.head
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 32)
+    torch.testing.assert_close(model(x), pooled)
+    model.reset_classifier(0, global_pool='')
+    assert model(x).shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize('block_type', BLOCK_TYPES)
+def test_state_dict_round_trip(block_type):
+    src = _tiny(block_type, seed=1).eval()
+    dst = _tiny(block_type, seed=2).eval()
+    _random_head(src)
+    x = torch.randn(2, 3, 16, 16)
+    assert not torch.equal(src(x), dst(x))
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf))
+    assert torch.equal(src(x), dst(x))
+
+
+def test_checkpoint_filter_fn_maps_authors_symmetric_keys():
+    src = _tiny('symmetric', seed=1).eval()
+    _random_head(src)
+    # the authors' code stores the one symmetric matrix as fc2.weight
+    authors = {k.replace('.fc1.', '.fc2.'): v for k, v in src.state_dict().items()}
+    dst = _tiny('symmetric', seed=2).eval()
+    dst.load_state_dict(checkpoint_filter_fn(authors, dst))
+    x = torch.randn(2, 3, 16, 16)
+    assert src(x).abs().max() > 0 and torch.equal(src(x), dst(x))
+    for block_type in ('serial', 'parallel', 'symbreak'):
+        model = _tiny(block_type)
+        state_dict = model.state_dict()
+        assert checkpoint_filter_fn(state_dict, model) is state_dict
+
+
+def test_grad_checkpointing_matches():
+    model = _tiny('symbreak')
+    _random_head(model)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n])
+
+
+def test_norms_excluded_from_weight_decay():
+    model = _tiny('serial')
+    decayed = {id(p) for g in create_optimizer_v2(model, 'adamw', weight_decay=0.05).param_groups
+               if g['weight_decay'] > 0 for p in g['params']}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    # only matrices and the stem's kernel decay; the (N, D) LayerNorm gains are 2-D but must not
+    assert names == {n for n, p in model.named_parameters() if n.endswith('weight') and 'norm' not in n}
+    grouped = group_parameters(model, model.group_matcher())
+    assert sorted(n for names in grouped.values() for n in names) == sorted(n for n, _ in model.named_parameters())
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match='Expected 3 input channels, got 1'):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match='Expected a 16x16 image .*got 20x20'):
+        model(torch.randn(1, 3, 20, 20))
+    with pytest.raises(ValueError, match=r'Expected a \(B, C, H, W\)'):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match='got 32x32'):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(torch.randn(1, 3, 16, 16), output_fmt='NHWC')
+    with pytest.raises(ValueError, match="Unknown block_type 'vanilla'"):
+        _tiny('vanilla')
+    with pytest.raises(ValueError, match='not divisible by patch_size'):
+        HamMixer(img_size=30, patch_size=4)
+    with pytest.raises(ValueError, match='Expected a 32x32 image'):
+        timm.create_model('hmixer_parallel_s4_32', num_blocks=1, embed_dim=16)(torch.randn(1, 3, 224, 224))
