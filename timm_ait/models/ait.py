@@ -1,7 +1,7 @@
 """ Associative Transformer (AiT)
 
 A PyTorch implementation of `Associative Transformer` - https://arxiv.org/abs/2309.12862
-(Sun, Ochiai, Wu, Kanai, Yasuda), on timm's VisionTransformer: each block keeps timm's
+(Sun, Ochiai, Wu, Lin, Kanai), on timm's VisionTransformer: each block keeps timm's
 pre-norm self-attention and replaces the MLP with a Global Workspace Layer (GWL), see
 ``timm_ait.layers.gwl``.
 
