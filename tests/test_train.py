@@ -148,3 +148,16 @@ def test_shipped_configs_parse(config):
         train.check_args(args)
     finally:
         sys.path.pop(0)
+
+
+def test_img_size_builds_a_fixed_size_model_for_that_size():
+    sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
+    try:
+        import train
+        args = train.parse_args(['--model', 'ait_small_patch32_64', '--img-size', '32', '--model-kwargs',
+                                 *TINY_KWARGS])
+        model = train.create_task_model(args, torch.device('cpu'))
+    finally:
+        sys.path.pop(0)
+    assert model.patch_embed.img_size == (32, 32)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)

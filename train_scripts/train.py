@@ -189,6 +189,9 @@ def create_task_model(args, device):
         kwargs['drop_path_rate'] = args.drop_path
     if args.drop:
         kwargs['drop_rate'] = args.drop
+    if args.img_size is not None and timm.get_pretrained_cfg(args.model).fixed_input_size:
+        # a fixed-size model (the flatten head) is built for the size the data will have
+        kwargs['img_size'] = args.img_size
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.initial_checkpoint:
         state_dict = model_state_dict(load_training_checkpoint(args.initial_checkpoint))
