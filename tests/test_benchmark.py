@@ -1,0 +1,96 @@
+"""train_scripts/benchmark.py on a tiny AiT and its ViT twin, on the CPU."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train_scripts'))
+import benchmark  # noqa: E402  (the script; its memory probes import it by this name)
+from benchmark import BenchSettings, ModelSpec, StepTime, Workload  # noqa: E402
+
+TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
+TINY_ARGS = [f'{k}={v}' for k, v in TINY.items()]
+
+
+def test_benchmark_prints_every_field(tmp_path, capsys):
+    results_file = tmp_path / 'results.json'
+    benchmark.main(['-m', 'ait_small_patch4_32', '--model-kwargs', *TINY_ARGS, '--compare', 'gwl=False',
+                    '-b', '4', '--num-warm-iter', '1', '--num-bench-iter', '1', '--repeats', '2',
+                    '--flops-modules', r'mlp\.read$', '--results-file', str(results_file)])
+    table = capsys.readouterr().out
+    for mode in ('inference', 'train'):
+        for field in ('step (ms), median', 'step (ms), fastest', 'step (ms), range of runs',
+                      'step CPU time (ms), median', 'step CPU time (ms), fastest', 'step CPU time (ms), range of runs',
+                      'images/s', 'peak memory (MiB)', 'GFLOPs / image'):
+            assert f'{mode} {field}' in table
+    assert 'inference FLOPs share of' in table
+    assert 'train step (ms), median ratio: 95% interval' in table
+    assert 'params (M)' in table and 'gwl=False' in table
+
+    results = json.loads(results_file.read_text())
+    model, twin = results['models']
+    assert model['kwargs'] == TINY and twin['kwargs'] == {**TINY, 'gwl': False}
+    assert model['params'] > twin['params']
+    for mode in ('inference', 'train'):
+        for result in (model, twin):
+            assert len(result[mode]['step_ms_runs']) == len(result[mode]['cpu_ms_runs']) == 2
+            assert result[mode]['images_per_s'] > 0
+            assert result[mode]['peak_memory_mib'] > 0
+        ratios = results['ratios'][mode]
+        assert ratios['flops'] > 1 and ratios['peak_memory'] > 0
+        assert all(ratios[key] > 0 for key in ('step_time', 'step_time_fastest', 'cpu_time', 'cpu_time_fastest'))
+        low, high = ratios['step_time_interval']
+        assert min(ratios['step_time_runs']) <= low <= ratios['step_time'] <= high <= max(ratios['step_time_runs'])
+    read = model['inference']['modules']
+    assert read['matched'] == ['blocks.0.mlp.read', 'blocks.1.mlp.read']
+    assert 0 < read['share'] < 0.1
+    assert twin['inference']['modules']['share'] == 0
+    assert results['ratios']['params'] == pytest.approx(model['params'] / twin['params'])
+
+
+def test_vit_twin_flops_match_an_analytic_count_of_its_matmuls():
+    batch, dim, depth, classes = 4, 32, 2, 10
+    tokens, patch_dim = (16 // 4) ** 2, 4 * 4 * 3
+    workload = Workload(ModelSpec('ait_small_patch4_32', {**TINY, 'gwl': False}), BenchSettings(batch_size=batch))
+    per_block = (2 * tokens * dim * 3 * dim       # qkv
+                 + 2 * 2 * tokens * tokens * dim  # attention scores and weighted sum, all heads
+                 + 2 * tokens * dim * dim         # proj
+                 + 2 * 2 * tokens * dim * 4 * dim)  # fc1, fc2
+    analytic = 2 * tokens * patch_dim * dim + depth * per_block + 2 * tokens * dim * classes
+    counted = benchmark.count_flops(workload, 'inference')['flops_per_image']
+    assert counted == pytest.approx(analytic, rel=0.02)
+
+
+def test_models_alternate_in_each_repeat(monkeypatch):
+    runs = []
+
+    def record_run(workload, mode, settings):
+        runs.append((workload.spec.kwargs.get('gwl', True), mode))
+        return StepTime(wall=1.0, cpu=1.0)
+
+    monkeypatch.setattr(benchmark, 'measure_peak_memory', lambda spec, settings, mode: 2 ** 20)
+    monkeypatch.setattr(benchmark, 'time_step', record_run)
+    specs = [ModelSpec('ait_small_patch4_32', TINY), ModelSpec('ait_small_patch4_32', {**TINY, 'gwl': False})]
+    results = benchmark.benchmark(specs, BenchSettings(batch_size=2), repeats=3)
+    assert runs == [(True, 'inference'), (False, 'inference'), (True, 'train'), (False, 'train'),
+                    (False, 'inference'), (True, 'inference'), (False, 'train'), (True, 'train'),
+                    (True, 'inference'), (False, 'inference'), (True, 'train'), (False, 'train')]
+    assert results['ratios']['train']['step_time'] == 1.0
+    assert results['ratios']['train']['peak_memory'] == 1.0
+
+
+def test_compare_takes_a_model_name_or_changes_to_the_first_model():
+    model = ModelSpec('ait_small_patch4_32', {'img_size': 16})
+    assert benchmark.compare_spec(['gwl=False', 'bottleneck=None'], model) == ModelSpec(
+        'ait_small_patch4_32', {'img_size': 16, 'gwl': False, 'bottleneck': None})
+    assert benchmark.compare_spec(['vit_tiny_patch16_224', 'num_classes=10'], model) == ModelSpec(
+        'vit_tiny_patch16_224', {'num_classes': 10})
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-m', 'ait_smal_patch4_32'])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "unknown model 'ait_smal_patch4_32'" in message and 'ait_small_patch4_32' in message

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Analyse an AiT's memory on a batch of images: bottleneck attention maps, diversity, Hopfield energy.
+
+    python train_scripts/analyze.py -m ait_small_patch32_64 --checkpoint output/train/.../model_best.pth.tar \\
+        --dataset triangle --output output/analysis
+
+Writes ``analysis.json``, ``attention_<layer>.png`` (paper Fig. 4) and ``energy.png`` (Fig. 9)
+into ``--output``; the diversity score (Fig. 8) is in the JSON and the figure titles. Without
+``--dataset`` the images are random (standard normal in the model's normalised input space).
+The model and its memory are not changed (see ``timm_ait.analysis``). Needs matplotlib:
+``pip install 'timm-ait[analysis]'``.
+"""
+import argparse
+import sys
+
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.utils import ParseKwargs
+
+from timm_ait.analysis import analyze, load_model, require_matplotlib, save_analysis
+
+DATASETS = ('triangle',)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('-m', '--model', default='ait_small_patch32_64', help='registered timm model name')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
+                        help='keyword arguments for timm.create_model')
+    parser.add_argument('--checkpoint', default=None, help='weights (and memory) to load, e.g. a training checkpoint')
+    parser.add_argument('--pretrained', action='store_true', help="load the model's published weights")
+    parser.add_argument('--dataset', default=None, choices=DATASETS, help='images to analyse (default: random)')
+    parser.add_argument('--data-dir', default=None, help='dataset cache (default: $TIMM_AIT_DATA or ~/.cache/timm_ait)')
+    parser.add_argument('--split', default='test', choices=('train', 'test'))
+    parser.add_argument('--num-samples', type=int, default=None,
+                        help="size of the generated split (default: the dataset's); the first images are used")
+    parser.add_argument('-b', '--batch-size', type=int, default=64,
+                        help='images analysed together: the bottleneck selects among all their patches')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--output', default='output/analysis', help='directory for the PNG and JSON files')
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error('--batch-size must be >= 1')
+    return args
+
+
+def load_images(args, data_config):
+    """A (B, C, H, W) batch in the model's normalised input space."""
+    if args.dataset is None:
+        generator = torch.Generator().manual_seed(args.seed)
+        return torch.randn(args.batch_size, *data_config['input_size'], generator=generator)
+    from timm_ait.data import TriangleDataset
+    dataset = TriangleDataset(root=args.data_dir, split=args.split, num_samples=args.num_samples,
+                              seed=args.seed, transform=create_transform(**data_config))
+    count = min(args.batch_size, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        sys.exit(str(error))
+    model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                       **args.model_kwargs).to(args.device)
+    data_config = resolve_data_config({}, model=model)
+    # the size the model was built at, which model kwargs may have changed from its config's
+    data_config['input_size'] = (data_config['input_size'][0], *model.patch_embed.img_size)
+    images = load_images(args, data_config)
+    layers = analyze(model, images.to(args.device))
+
+    mean = torch.tensor(data_config['mean']).view(-1, 1, 1)
+    std = torch.tensor(data_config['std']).view(-1, 1, 1)
+    meta = dict(model=args.model, model_kwargs=args.model_kwargs, checkpoint=args.checkpoint,
+                pretrained=args.pretrained, dataset=args.dataset or 'random', split=args.split,
+                num_images=images.shape[0], seed=args.seed)
+    paths = save_analysis(layers, args.output, images[0].cpu() * std + mean, meta)
+    for layer in layers:
+        energy_text = ('' if layer.energy_before is None else
+                       f', mean energy {layer.energy_before.mean():.3f} -> {layer.energy_after.mean():.3f}')
+        print(f'{layer.name}: diversity {layer.diversity:.3f} (ceiling {layer.diversity_ceiling:.3f}){energy_text}')
+    print('wrote ' + ', '.join(paths))
+
+
+if __name__ == '__main__':
+    main()
