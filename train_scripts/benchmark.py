@@ -462,11 +462,22 @@ def _ratios(models: List[Dict], step_times: Dict, modes: Sequence[str]) -> Dict:
     return ratios
 
 
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment(settings: BenchSettings) -> Dict:
     if settings.device.startswith('cuda'):
         device_name = torch.cuda.get_device_name(torch.device(settings.device))
     else:
-        device_name = platform.processor() or platform.machine()
+        device_name = f'{_cpu_name()}, {os.cpu_count()} cores'
     return dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
                 device_name=device_name, cpu_threads=torch.get_num_threads())
 
