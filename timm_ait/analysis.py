@@ -69,7 +69,7 @@ def record_gwl_forward(model: nn.Module, images: torch.Tensor) -> Dict[str, GWLR
         store['gates'] = output[1]
 
     def keep_read_inputs(store, module, args, kwargs):
-        # a copy: without autograd the read adds its result into the states' storage
+        # a copy, so that whatever the layer later does to its h in place cannot change the record
         store['states'], store['memory'] = args[0].clone(), args[1]
 
     for name, gwl in layers.items():
