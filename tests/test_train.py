@@ -161,3 +161,26 @@ def test_img_size_builds_a_fixed_size_model_for_that_size():
         sys.path.pop(0)
     assert model.patch_embed.img_size == (32, 32)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
+    """Two epochs of a small question-conditioned AiT on 2,000 generated Sort-of-CLEVR images.
+
+    Chance on the non-relational questions is 50% (each has two possible answers; 500 held-out
+    items, so one standard deviation is 2.2 points). The run reaches about 76% here.
+    The model is ait_small_patch5_75's architecture, narrowed and with patch 15 (26 tokens) to fit
+    a CPU test; weight_init='jax' (Xavier, about 4x timm's std 0.02 at width 64, close to PyTorch's
+    default init that the authors' code gets) because with timm's init the attention between the
+    question token and the patches stayed near uniform: 54% after 1,000 steps against 75%.
+    """
+    run(TRAIN, '--model', 'ait_small_patch5_75', '--dataset', 'sort-of-clevr',
+        '--sort-of-clevr-questions', 'non_relational', '--train-num-samples', '2000', '--val-num-samples', '50',
+        '-b', '64', '-j', '0', '--epochs', '2', '--warmup-epochs', '0', '--lr', '1e-3', '--clip-grad', '1.0',
+        '--sched-on-updates', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'soc',
+        '--model-kwargs', 'patch_size=15', 'embed_dim=64', 'depth=2', 'num_heads=2', 'num_slots=16', 'slot_dim=16',
+        'gwl_heads=4', 'bottleneck=64', 'weight_init=jax')
+    rows = read_summary(tmp_path / 'soc' / 'summary.csv')
+    first, last = (float(r['eval_non_relational_top1']) for r in (rows[0], rows[-1]))
+    assert last >= 65.0 and last > first, rows
+    # relational accuracy is reported beside it (these questions were not trained on)
+    assert 'eval_relational_top1' in rows[-1]
