@@ -210,12 +210,28 @@ def test_unreachable_hub_fails_clearly(tmp_path):
     assert result.returncode == 2 and f'cannot reach the Hub at {endpoint}' in result.stderr
 
 
+PRETRAINED = "import timm, timm_ait; timm.create_model('ait_tiny_patch32_64', pretrained=True)"
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
 def test_offline_without_cache_fails_clearly(tmp_path):
-    code = "import timm, timm_ait; timm.create_model('ait_tiny_patch32_64', pretrained=True)"
-    result = run(['-c', code], client_env(tmp_path, HF_HUB_OFFLINE='1'), check=False)
-    # huggingface_hub's error, caused by one that names the file it could not fetch and the reason
-    assert result.returncode != 0 and 'LocalEntryNotFoundError' in result.stderr
-    assert f'{REPO_ID}/resolve/main/' in result.stderr and 'offline mode is enabled' in result.stderr
+    result = run(['-c', PRETRAINED], client_env(tmp_path, HF_HUB_OFFLINE='1'), check=False)
+    assert result.returncode != 0
+    error = last_line(result.stderr)
+    assert error.startswith("RuntimeError: cannot load the pretrained weights of 'ait_tiny_patch32_64' from Hub "
+                            f"repo {REPO_ID} at https://huggingface.co"), error
+    assert str(tmp_path / 'hf_home') in error and 'HF_HUB_OFFLINE is set' in error
+    assert 'LocalEntryNotFoundError' in result.stderr  # huggingface_hub's error stays attached as the cause
+
+
+def test_unpublished_model_fails_clearly(tmp_path, hub):
+    result = run(['-c', PRETRAINED], client_env(tmp_path, hub.endpoint), check=False)
+    error = last_line(result.stderr)
+    assert result.returncode != 0 and f'from Hub repo {REPO_ID} at {hub.endpoint}' in error, error
+    assert 'no such repo' in error
 
 
 @pytest.mark.parametrize('repo_id', ['timm-ait/has space', 'a/b/c', 'timm-ait/--bad--', 'x' * 97])

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..engine import check_state_dict
-from ..hub import hf_hub_id
+from ..hub import explain_download_errors, hf_hub_id
 from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
@@ -233,14 +233,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
 
 def _create_ait(variant: str, pretrained: bool = False, **kwargs) -> AssociativeTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        AssociativeTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    with explain_download_errors(variant, kwargs):
+        return build_model_with_cfg(
+            AssociativeTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-from ..hub import hf_hub_id
+from ..hub import explain_download_errors, hf_hub_id
 from .ait import _SIZES, AssociativeTransformer, _cfg, checkpoint_filter_fn
 
 __all__ = ['RelationalAssociativeTransformer', 'QuestionEmbed', 'SORT_OF_CLEVR_QUESTION_DIM',
@@ -209,13 +209,14 @@ def _create_relational(variant: str, pretrained: bool = False, **kwargs) -> Rela
     if kwargs.get('features_only'):
         raise ValueError(f'{variant} takes (images, questions): features_only is not supported; '
                          'use model.forward_intermediates(images, questions) instead')
-    return build_model_with_cfg(
-        RelationalAssociativeTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    with explain_download_errors(variant, kwargs):
+        return build_model_with_cfg(
+            RelationalAssociativeTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            **kwargs,
+        )
 
 
 def _sort_of_clevr_cfg(name: str) -> Dict[str, Dict[str, Any]]:

@@ -35,7 +35,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.mlp_mixer import _init_weights
 
 from ..constants import CIFAR_MEAN, CIFAR_STD
-from ..hub import hf_hub_id
+from ..hub import explain_download_errors, hf_hub_id
 
 __all__ = [
     'HamMixer', 'SerialMixerBlock', 'ParallelMixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
@@ -415,14 +415,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HamMixer) -
 
 def _create_hmixer(variant: str, pretrained: bool = False, **kwargs) -> HamMixer:
     out_indices = kwargs.pop('out_indices', 3)
-    model = build_model_with_cfg(
-        HamMixer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    with explain_download_errors(variant, kwargs):
+        model = build_model_with_cfg(
+            HamMixer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
     return model
 
 
