@@ -246,3 +246,111 @@ def test_pretrained_from_a_local_file_resets_classifier(tmp_path):
 
 def test_is_a_vision_transformer():
     assert isinstance(tiny(), (AssociativeTransformer, timm.models.VisionTransformer))
+
+
+# --- the authors' checkpoints (github.com/yuweisunn/associative-transformer) ----------------------
+
+AUTHORS = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_slots=8, slot_dim=16,
+               gwl_heads=2, bottleneck=10, memory_l2norm=True, num_classes=10)
+
+
+def authors_state_dict(model):
+    """``model``'s weights under the names of the authors' vit_hn.py + ait.py, with their unused extras."""
+    names = {'patch_embed.norm_in': 'to_patch_embedding.1', 'patch_embed.proj': 'to_patch_embedding.2',
+             'patch_embed.norm': 'to_patch_embedding.3', 'fc_norm': 'mlp_head.0', 'head': 'mlp_head.1'}
+    for i in range(len(model.blocks)):
+        layer, fn = f'transformer.layers.{i}', f'transformer.layers.{i}.1.fn'
+        names.update({
+            f'blocks.{i}.norm1': f'{layer}.0.norm', f'blocks.{i}.attn.qkv': f'{layer}.0.fn.to_qkv',
+            f'blocks.{i}.attn.proj': f'{layer}.0.fn.to_out.0', f'blocks.{i}.norm2': f'{layer}.1.norm',
+            f'blocks.{i}.mlp.fc1': f'{fn}.fc1', f'blocks.{i}.mlp.fc2': f'{fn}.fc2', f'blocks.{i}.mlp.norm': f'{fn}.norm',
+            f'blocks.{i}.mlp.read.up': f'{fn}.fc3', f'blocks.{i}.mlp.memory': f'{fn}.memoryupdate',
+            f'blocks.{i}.mlp.write_attn.q': f'{fn}.memoryupdate.mha.w_qs',
+            f'blocks.{i}.mlp.write_attn.k': f'{fn}.memoryupdate.mha.w_ks',
+            f'blocks.{i}.mlp.write_attn.v': f'{fn}.memoryupdate.mha.w_vs',
+            f'blocks.{i}.mlp.write_attn.proj': f'{fn}.memoryupdate.mha.fc',
+            f'blocks.{i}.mlp.write_norm': f'{fn}.memoryupdate.mha.layer_norm',
+        })
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == 'pos_embed':
+            continue  # their forward has none
+        module, leaf = key.rsplit('.', 1)
+        out[f'{names[module]}.{leaf}'] = value.clone()
+    D, N = model.embed_dim, model.patch_embed.num_patches
+    out.update({'cls_token': torch.randn(1, 1, D), 'pos_embedding': torch.randn(1, N + 1, D),
+                'to_patch_embedding_cnn.0.weight': torch.randn(D, 3, 5, 5), 'to_patch_embedding_cnn.0.bias': torch.randn(D)})
+    for i in range(len(model.blocks)):
+        out[f'transformer.layers.{i}.1.fn.memoryupdate.beta'] = torch.tensor(0.9)
+    return out
+
+
+def authors_forward(sd, images, depth, heads, gwl_heads, bottleneck, patch=8):
+    """A training step's forward as the authors' code computes it, from their state dict.
+
+    Returns the logits and each layer's memory after the write.
+    """
+    F = torch.nn.functional
+    ln = lambda t, name, eps=1e-5: F.layer_norm(t, t.shape[-1:], sd[f'{name}.weight'], sd[f'{name}.bias'], eps)
+    linear = lambda t, name: F.linear(t, sd[f'{name}.weight'], sd.get(f'{name}.bias'))
+    B, C, H, W = images.shape
+    # 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    x = x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+    x = ln(linear(ln(x, 'to_patch_embedding.1'), 'to_patch_embedding.2'), 'to_patch_embedding.3')
+    N, D = x.shape[1:]
+    memories = []
+    for i in range(depth):
+        layer, fn = f'transformer.layers.{i}', f'transformer.layers.{i}.1.fn'
+        q, k, v = linear(ln(x, f'{layer}.0.norm'), f'{layer}.0.fn.to_qkv').chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, N, heads, -1).transpose(1, 2) for t in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+        x = x + linear(a.transpose(1, 2).reshape(B, N, -1), f'{layer}.0.fn.to_out.0')
+
+        h = ln(linear(F.gelu(linear(ln(x, f'{layer}.1.norm'), f'{fn}.fc1')), f'{fn}.fc2'), f'{fn}.norm')
+        s = h.reshape(B * N, D)  # every patch of the batch competes
+        M = sd[f'{fn}.memoryupdate.memory']
+        S, m = M.shape
+        heads_of = lambda t: t.reshape(t.shape[0], gwl_heads, m).transpose(0, 1)
+        Q = heads_of(linear(M, f'{fn}.memoryupdate.mha.w_qs'))
+        K, V = heads_of(linear(s, f'{fn}.memoryupdate.mha.w_ks')), heads_of(linear(s, f'{fn}.memoryupdate.mha.w_vs'))
+        scores = Q @ K.transpose(-1, -2) / m ** 0.5
+        top, index = scores.topk(bottleneck, dim=-1)
+        gates = torch.zeros_like(scores).scatter(-1, index, top.softmax(-1))
+        O = linear((gates @ V).transpose(0, 1).reshape(S, gwl_heads * m), f'{fn}.memoryupdate.mha.fc')
+        candidate = ln(O + M, f'{fn}.memoryupdate.mha.layer_norm', eps=1e-6)
+        M = 0.9 * M + 0.1 * candidate
+        M = M / M.norm(dim=1, keepdim=True)
+        memories.append(M)
+        Y = linear(M, f'{fn}.fc3')
+        x = x + torch.softmax(h @ Y.T, dim=-1) @ Y + h  # static Hopfield read, beta 1, plus its skip
+    return linear(ln(x.reshape(B, -1), 'mlp_head.0'), 'mlp_head.1'), memories
+
+
+def test_authors_checkpoint_converts_and_computes_what_their_code_computes():
+    torch.manual_seed(0)
+    source = timm.create_model('ait_small_patch4_32', **AUTHORS)
+    with torch.no_grad():  # weights far from their init, so that a swapped name cannot go unnoticed
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        for block in source.blocks:
+            block.mlp.memory.memory.normal_()
+    theirs = authors_state_dict(source)
+
+    model = timm.create_model('ait_small_patch4_32', **AUTHORS)
+    model.load_state_dict(checkpoint_filter_fn(theirs, model))
+    assert torch.equal(model.pos_embed, torch.zeros_like(model.pos_embed))  # their forward adds none
+
+    images = torch.randn(3, 3, 32, 32)
+    expected, memories = authors_forward(theirs, images, depth=2, heads=2, gwl_heads=2, bottleneck=10)
+    logits = model.train()(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for block, memory in zip(model.blocks, memories):
+        torch.testing.assert_close(block.mlp.memory.memory, memory, rtol=1e-5, atol=1e-5)
+
+
+def test_authors_checkpoint_of_another_size_is_refused():
+    theirs = authors_state_dict(timm.create_model('ait_small_patch4_32', **AUTHORS))
+    model = timm.create_model('ait_small_patch4_32', **{**AUTHORS, 'depth': 3})
+    with pytest.raises(ValueError, match=r'missing: blocks\.2\.'):
+        checkpoint_filter_fn(theirs, model)

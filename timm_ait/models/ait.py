@@ -11,11 +11,16 @@ qkv bias; the head flattens all N tokens, ``LN(N*D) -> Linear(N*D, classes)`` (`
 'flatten'``, which fixes the image size). Unlike the authors' code we add timm's learned position
 embedding (their forward adds none; ``pos_embed='none'`` reproduces that).
 
+The authors' checkpoints load as they are: ``checkpoint_filter_fn`` renames their keys
+(``convert_authors_checkpoint``), so ``pretrained_cfg_overlay=dict(file=...)`` or ``load_state_dict``
+through it works; a test checks the converted model computes what their code computes.
+
 Parameters with 10 classes at 32x32, patch 4 (paper: 15.8M / 45.9M / 91.0M): ait_small 15.72M,
 ait_medium 45.82M, ait_base 90.95M. The paper's counts include modules the authors' code builds
 but never calls (a 58,368-parameter conv stem, a class token and a 65-slot position embedding)
 and the memory, which here is a buffer (1,024 values a layer), not a parameter.
 """
+import re
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -34,7 +39,7 @@ from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
 
-__all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn']
+__all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn', 'convert_authors_checkpoint']
 
 # The paper's Table 2, as keyword arguments of the model. 'reset_memory' is a training-time
 # ablation: the model only records it, the training task re-initialises the memory each epoch.
@@ -215,18 +220,71 @@ class AssociativeTransformer(VisionTransformer):
         return super().pool(x, pool_type)
 
 
+# The authors' checkpoints (github.com/yuweisunn/associative-transformer: vit_hn.py with ait.py's
+# ModularNN as each block's feed-forward) in this module's names. Their GWL is
+# fc1 -> GELU -> fc2 -> norm, memoryupdate (memory, mha = the bottleneck write), fc3 (the up-projection
+# of the read); their Hopfield layer is static and has no weights.
+_AUTHORS_KEYS = (
+    (r'^to_patch_embedding\.1\.', 'patch_embed.norm_in.'),
+    (r'^to_patch_embedding\.2\.', 'patch_embed.proj.'),
+    (r'^to_patch_embedding\.3\.', 'patch_embed.norm.'),
+    (r'^transformer\.layers\.(\d+)\.0\.norm\.', r'blocks.\1.norm1.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.to_qkv\.', r'blocks.\1.attn.qkv.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.', r'blocks.\1.attn.proj.'),
+    (r'^transformer\.layers\.(\d+)\.1\.norm\.', r'blocks.\1.norm2.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.(fc1|fc2|norm)\.', r'blocks.\1.mlp.\2.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.fc3\.', r'blocks.\1.mlp.read.up.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.memory$', r'blocks.\1.mlp.memory.memory'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.mha\.w_qs\.', r'blocks.\1.mlp.write_attn.q.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.mha\.w_ks\.', r'blocks.\1.mlp.write_attn.k.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.mha\.w_vs\.', r'blocks.\1.mlp.write_attn.v.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.mha\.fc\.', r'blocks.\1.mlp.write_attn.proj.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.mha\.layer_norm\.', r'blocks.\1.mlp.write_norm.'),
+    (r'^mlp_head\.0\.', 'fc_norm.'),
+    (r'^mlp_head\.1\.', 'head.'),
+)
+# built by their code but never used in its forward: the conv stem, class token, position
+# embedding, and the EWMA factor kept as a buffer (0.9, the ``smoothing`` argument here)
+_AUTHORS_UNUSED = re.compile(r'^(to_patch_embedding_cnn\.|cls_token$|pos_embedding$|.*\.memoryupdate\.beta$)')
+
+
+def convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: AssociativeTransformer) -> Dict[str, torch.Tensor]:
+    """The authors' AiT state dict in this model's names.
+
+    Their forward adds no position embedding, so a model with one gets zeros: the same function.
+    Their memory rows are unit-normalised after each write; build the model with
+    ``memory_l2norm=True`` to keep training it their way (the read, and so eval, is the same either way).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if _AUTHORS_UNUSED.match(key):
+            continue
+        for pattern, replacement in _AUTHORS_KEYS:
+            new_key, found = re.subn(pattern, replacement, key)
+            if found:
+                key = new_key
+                break
+        out[key] = value
+    if getattr(model, 'pos_embed', None) is not None and 'pos_embed' not in out:
+        out['pos_embed'] = torch.zeros_like(model.pos_embed)
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: AssociativeTransformer) -> Dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint and check it against ``model`` before loading.
+    """Unwrap a training checkpoint, convert the authors' names, and check it against ``model``.
 
     Accepts a bare state dict or a timm training checkpoint (``state_dict`` / ``model`` key,
-    ``module.`` prefixes from DDP). Raises a ValueError naming every missing, unexpected or
-    mis-shaped key, so a checkpoint of another variant never loads silently or half-way. The
-    classifier's shape is left to timm, which resets it when ``num_classes`` differs.
+    ``module.`` prefixes from DDP), and the authors' checkpoints (``convert_authors_checkpoint``).
+    Raises a ValueError naming every missing, unexpected or mis-shaped key, so a checkpoint of
+    another variant never loads silently or half-way. The classifier's shape is left to timm, which
+    resets it when ``num_classes`` differs.
     """
     for key in ('state_dict', 'model'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if any(k.startswith(('to_patch_embedding.', 'transformer.layers.')) for k in state_dict):
+        state_dict = convert_authors_checkpoint(state_dict, model)
     check_state_dict(state_dict, model, ignore=('head.weight', 'head.bias'))
     return state_dict
 
