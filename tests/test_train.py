@@ -184,3 +184,14 @@ def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
     assert last >= 65.0 and last > first, rows
     # relational accuracy is reported beside it (these questions were not trained on)
     assert 'eval_relational_top1' in rows[-1]
+
+
+def test_demo_quick_trains_and_validates(tmp_path):
+    """The README's main job, in its one-minute form: train, validate at batch size 1, report."""
+    proc = run(os.path.join(REPO, 'train_scripts', 'demo.py'), '--quick', '--output', str(tmp_path / 'out'),
+               '--data-dir', str(tmp_path / 'data'))
+    (run_dir,) = (tmp_path / 'out').iterdir()
+    results = __import__('json').loads((run_dir / 'validate.json').read_text())
+    assert results['model'] == 'ait_tiny_patch32_64' and results['batch_size'] == 1
+    assert f"reached {results['top1']:.2f}% test accuracy" in proc.stdout
+    assert float(read_summary(run_dir / 'summary.csv')[-1]['eval_top1']) == pytest.approx(results['top1'], abs=1e-3)
