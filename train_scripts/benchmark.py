@@ -35,7 +35,7 @@ What is measured, per model and per mode (inference, train):
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one eager step (inference:
   forward; train: forward and backward), per image. It counts matrix products and attention;
   gathers, softmax, norms and element-wise ops are not counted. Formulas missing from torch
-  (CPU attention, in-place addmm_) are added here. ``--flops-modules REGEX`` also reports the
+  (CPU attention, in-place addmm_) are added (``timm_ait.profiling``). ``--flops-modules REGEX`` also reports the
   share of the modules whose name matches (e.g. ``'mlp\\.read$'``: the GWL's Hopfield read) in
   inference; not in training, as the counter credits backward ops to modules only roughly.
 """
@@ -64,10 +64,10 @@ from timm.data import resolve_data_config
 from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value
 from timm.utils import ParseKwargs
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import timm_ait  # noqa: F401  (registers the AiT models with timm)
 from timm_ait.layers import balance_loss
+from timm_ait.profiling import flop_counter
 
 BALANCE_LOSS_WEIGHT = 1e-2
 MODES = ('inference', 'train')
@@ -209,37 +209,12 @@ class Workload:
 
 # ---------------------------------------------------------------------------------- FLOPs
 
-def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args,
-                                  out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-def _inplace_addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-# Ops that torch's counter has no formula for: F.scaled_dot_product_attention on the CPU
-# (without them a ViT's attention counts as zero FLOPs there) and the in-place addmm_ (a
-# residual sum written into its input)
-_MISSING_FLOP_FORMULAS = {
-    getattr(torch.ops.aten, name): formula
-    for name, formula in (('_scaled_dot_product_flash_attention_for_cpu', _cpu_attention_flops),
-                          ('_scaled_dot_product_flash_attention_for_cpu_backward', _cpu_attention_backward_flops),
-                          ('addmm_', _inplace_addmm_flops))
-    if hasattr(torch.ops.aten, name)
-}
-
-
 def count_flops(workload: Workload, mode: str, modules_pattern: Optional[str] = None) -> Dict:
     """FLOPs per image of one eager step; with ``modules_pattern``, also those of the matching modules.
 
     A module matched inside another matched module is not counted twice.
     """
-    with FlopCounterMode(display=False, custom_mapping=_MISSING_FLOP_FORMULAS) as counter:
+    with flop_counter() as counter:
         forward, workload.forward = workload.forward, workload.model
         try:
             workload.run(mode, 1)
