@@ -6,7 +6,9 @@ and neither it nor timm is patched. The published weights are the fixture ait_ti
 trained on Triangle (tests/fixtures/README.md says how).
 """
 import argparse
+import contextlib
 import csv
+import io
 import importlib.util
 import json
 import os
@@ -18,11 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import timm
 import timm_ait  # noqa: F401  (registers the models)
+from timm_ait.data.factory import create_ait_dataset
+from timm_ait.data.sort_of_clevr import SortOfClevr
 from timm_ait.hub import hf_hub_id
+from timm_ait.models.ait_relational import SORT_OF_CLEVR_ANSWERS
+from timm_ait.profiling import profile_model
 
 from hub_server import FakeHub
 
@@ -106,8 +113,11 @@ def run(args, env, check=True):
     return result
 
 
-def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, **train_args) -> Path:
-    """A checkpoint as timm's CheckpointSaver writes it, with the run's summary.csv beside it."""
+def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, summary: str = None, **train_args) -> Path:
+    """A checkpoint as timm's CheckpointSaver writes it, with the run's summary.csv beside it.
+
+    By default the fixture's run; ``summary`` is the text of another summary.csv.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(model=MODEL, model_kwargs={}, num_classes=None, dataset='triangle', img_size=None,
                               mean=None, std=None, interpolation='', crop_pct=None)
@@ -118,7 +128,7 @@ def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, **train_
         checkpoint['state_dict_ema'] = ema_state_dict
     path = folder / 'model_best.pth.tar'
     torch.save(checkpoint, path)
-    (folder / 'summary.csv').write_bytes((FIXTURE / 'summary.csv').read_bytes())
+    (folder / 'summary.csv').write_text(summary or (FIXTURE / 'summary.csv').read_text())
     return path
 
 
@@ -155,7 +165,8 @@ def test_publish_then_pretrained_downloads_and_classifies(tmp_path, hub):
     # the downloaded model scores exactly what validate.py measured on the original checkpoint
     assert report['accuracy'] == pytest.approx(validation['top1'], abs=1e-3)
     assert report['accuracy'] >= MIN_ACCURACY, report
-    assert report['reset_head'] == [5, 4 * 128]  # flatten head: 4 patches x width 128 and report['reset_keeps_the_rest']
+    assert report['reset_head'] == [5, 4 * 128]  # flatten head: 4 patches x width 128
+    assert report['reset_keeps_the_rest'], 'a new num_classes must reset only the classifier'
 
 
 def test_local_dir_loads_back_bit_for_bit(tmp_path):
@@ -188,8 +199,11 @@ def test_card_reports_the_run_it_was_made_from(tmp_path):
     validation = json.loads((FIXTURE / 'validate.json').read_text())
     assert f"top-1 {validation['top1']:.2f}%" in card and f"num_samples {validation['num_samples']}" in card
 
-    params = sum(p.numel() for p in timm.create_model(MODEL).parameters()) / 1e6
+    model = timm.create_model(MODEL)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    cost = profile_model(model)
     assert f'Params (M): {params:.3g}' in card
+    assert f"GMACs: {cost['gmacs']:.3g}" in card and f"Activations (M): {cost['activations_m']:.3g}" in card
     for expected in ('Memory slots: 16', 'Slot dim: 16', 'Heads: 4', 'Bottleneck k: 64', 'Hopfield beta: 1.0',
                      'Memory smoothing: 0.9', f"hf-hub:{hf_hub_id(MODEL, 'triangle')}", 'arXiv:2309.12862',
                      'arXiv:2406.12220', 'Karakida, Ryo and Ota, Toshihiro and Taki, Masato'):
@@ -261,3 +275,100 @@ def test_existing_local_dir_needs_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match='--overwrite'):
         push_to_hub.main([str(make_checkpoint(tmp_path / 'run')), '--local-dir', str(out)])
     assert os.listdir(out) == ['keep.txt']
+
+
+def usage_snippet(card: str) -> str:
+    """The Python code block of the card's usage section."""
+    usage = card.split('## Model Usage')[1].split('## Citation')[0]
+    return usage.split('```python\n')[1].split('```')[0]
+
+
+def run_snippet(code: str, repo_id: str, folder: Path, image_file: str, image: Path) -> dict:
+    """Run a card's snippet as a user would, with the Hub repo swapped for the local folder."""
+    assert f"'hf-hub:{repo_id}'" in code and f"'{image_file}'" in code
+    code = code.replace(f'hf-hub:{repo_id}', f'local-dir:{folder}').replace(image_file, str(image))
+    namespace, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, 'model card usage', 'exec'), namespace)
+    namespace['printed'] = printed.getvalue().splitlines()
+    return namespace
+
+
+def test_card_usage_classifies_an_image(tmp_path):
+    out = tmp_path / 'hub_folder'
+    push_to_hub.main([str(make_checkpoint(tmp_path / 'run')), '--local-dir', str(out)])
+    dataset = create_ait_dataset('triangle', root=tmp_path / 'data', split='validation', num_samples=8, seed=3,
+                                 progress=False)
+    image, label = dataset[0]
+    image.save(tmp_path / 'triangle.png')
+    result = run_snippet(usage_snippet((out / 'README.md').read_text()), REPO_ID, out, 'image.png',
+                         tmp_path / 'triangle.png')
+    assert result['output'].shape == (1, 2)
+    assert result['top5_class_indices'].shape == (1, 2)  # two classes: the top five are both
+
+
+# a Sort-of-CLEVR question answerer small enough to build in a test (75x75, patch 15: 25 patches)
+RELATIONAL = 'ait_small_patch5_75'
+RELATIONAL_KWARGS = dict(patch_size=15, embed_dim=32, depth=1, num_heads=2, num_slots=4, slot_dim=8, gwl_heads=2,
+                         bottleneck=16)
+RELATIONAL_SUMMARY = """epoch,train_loss,eval_loss,eval_top1,eval_top5,eval_relational_top1,eval_non_relational_top1
+0,1.5,1.4,51.25,90.0,40.5,62.0
+1,1.2,1.1,60.75,95.0,48.25,73.25
+2,1.1,1.2,59.5,95.5,47.0,72.0
+"""
+
+
+def test_question_answering_model_is_published_with_its_own_card(tmp_path):
+    model = timm.create_model(RELATIONAL, **RELATIONAL_KWARGS)
+    model.train()(torch.rand(4, 3, 75, 75), torch.eye(11)[:4])  # write the memory: it must travel too
+    checkpoint = make_checkpoint(tmp_path / 'run', state_dict=model.state_dict(), summary=RELATIONAL_SUMMARY,
+                                 model=RELATIONAL, model_kwargs=RELATIONAL_KWARGS, dataset='sort-of-clevr')
+    validation = tmp_path / 'validate.json'
+    validation.write_text(json.dumps(dict(model=RELATIONAL, dataset='sort-of-clevr', split='validation',
+                                          num_samples=4000, seed=42, top1=61.5, top5=96.0,
+                                          relational_top1=49.5, non_relational_top1=73.5)))
+    out = tmp_path / 'hub_folder'
+    assert push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--results-file', str(validation)]) == str(out)
+
+    card = (out / 'README.md').read_text()
+    repo_id = hf_hub_id(RELATIONAL, 'sort_of_clevr')  # the tag follows the dataset
+    assert f'# Model card for {repo_id.split("/")[1]}' in card
+    front_matter = yaml.safe_load(card.split('---')[1])
+    assert front_matter['pipeline_tag'] == 'visual-question-answering' and front_matter['datasets'] == ['sort-of-clevr']
+    assert 'Visual question answering' in card and 'one extra token' in card
+    assert '| | Epoch | Top-1 (%) | Relational (%) | Non-relational (%) |' in card
+    assert '| Best | 1 | 60.75 | 48.25 | 73.25 |' in card and '| Final | 2 | 59.50 | 47.00 | 72.00 |' in card
+    assert 'relational 49.50%, non-relational 73.50%' in card and 'seed 42' in card
+    cost = profile_model(model)
+    assert f"GMACs: {cost['gmacs']:.3g}" in card and cost['gmacs'] > 0
+
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+    scene = SortOfClevr(root=tmp_path / 'data', split='test', num_images=1, progress=False)
+    Image.fromarray(scene.images[0]).save(tmp_path / 'scene.png')
+    result = run_snippet(usage_snippet(card), repo_id, out, 'scene.png', tmp_path / 'scene.png')
+    question, answer = result['printed']
+    assert question == 'What shape is the object nearest to the red object?'
+    assert answer in SORT_OF_CLEVR_ANSWERS and result['output'].shape == (1, 10)
+
+
+@pytest.mark.parametrize('model_name,kwargs,dataset,present,absent', [
+    ('hmixer_symbreak_s4_32', dict(embed_dim=32, num_blocks=2), 'torch/cifar10',
+     ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)'],
+     ['Global Workspace', 'Associative Transformer (AiT)']),
+    ('ait_small_patch4_32', dict(gwl=False, embed_dim=32, num_heads=2, num_classes=100), 'torch/cifar100',
+     ['ViT twin', 'Global Workspace Layer:** none'], ['Memory slots', 'Hopfield beta']),
+])
+def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, present, absent):
+    model = timm.create_model(model_name, **kwargs)
+    checkpoint = make_checkpoint(tmp_path / 'run', state_dict=model.state_dict(), model=model_name,
+                                 model_kwargs=kwargs, dataset=dataset)
+    out = tmp_path / 'hub_folder'
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out)])
+    card = (out / 'README.md').read_text()
+    for text in present:
+        assert text in card, text
+    for text in absent:
+        assert text not in card, text
+    assert yaml.safe_load(card.split('---')[1])['pipeline_tag'] == 'image-classification'

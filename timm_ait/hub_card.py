@@ -1,7 +1,9 @@
-"""The model card (README.md) of a published model, rendered from ``hub_cards/model_card.md``.
+"""The model card (README.md) of a published model, rendered from the templates in ``hub_cards/``.
 
-Every number on the card is measured or read, never typed: parameters and GMACs from the model,
-results from the run's ``summary.csv`` and, optionally, the JSON that ``validate.py`` writes.
+Every number on the card is measured or read, never typed: parameters, GMACs and activations from
+the model, results from the run's ``summary.csv`` and, optionally, the JSON that ``validate.py``
+writes. The card says what the model is (an AiT, its ViT twin, the question-answering AiT, or a
+parallelized MLP-Mixer) and shows how to call it.
 """
 import csv
 import json
@@ -10,13 +12,14 @@ from pathlib import Path
 from string import Template
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['TEMPLATE_PATH', 'count_gmacs', 'read_summary', 'read_validation', 'gwl_settings', 'render_model_card']
+from .profiling import profile_model
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / 'hub_cards' / 'model_card.md'
+__all__ = ['TEMPLATE_DIR', 'read_summary', 'read_validation', 'gwl_settings', 'render_model_card']
+
+# beside the package in the source tree: card rendering needs a source (or editable) install
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
 
 # Hub dataset ids for the card's front matter; generated datasets have none and keep their name
 HUB_DATASET_IDS = {
@@ -25,37 +28,51 @@ HUB_DATASET_IDS = {
     'torch/oxford-pet': 'timm/oxford-iiit-pet',
 }
 
+_AIT = ('An Associative Transformer (AiT) {task} trained on {dataset} with timm-ait, the AiT models for `timm`. '
+        'Each block keeps timm\'s pre-norm self-attention and replaces the MLP with a Global Workspace Layer: '
+        'a bottleneck attention writes into a small explicit memory, and a Hopfield network reads it back.')
+_VIT_TWIN = ('The ViT twin of an Associative Transformer (AiT) {task}, trained on {dataset} with timm-ait: the '
+             'same model with timm\'s MLP in place of the Global Workspace Layer (`gwl=False`), the baseline the '
+             'AiT paper compares against.')
+_QUESTION = (' It answers a question about an image: the one-hot question is embedded as one extra token '
+             '(`LN -> Linear -> LN`) beside the image patches.')
+_MIXER = ('A {block_type} MLP-Mixer {task} from Hierarchical Associative Memory, Parallelized MLP-Mixer, and '
+          'Symmetry Breaking, trained on {dataset} with timm-ait. {block_text}')
+_MIXER_BLOCKS = {
+    'serial': 'Its blocks are the vanilla Mixer\'s, token mixing then channel mixing, the baseline of the paper.',
+    'parallel': 'Token and channel mixing run in parallel from one LayerNorm over the whole (tokens, channels) '
+                'map, the wiring of one update of a hierarchical Hopfield network.',
+    'symmetric': 'Token and channel mixing run in parallel, and each MLP is symmetric, `W^T act(W z)`, as the '
+                 'energy of a hierarchical Hopfield network gives it.',
+    'symbreak': 'Token and channel mixing run in parallel, and each MLP breaks the symmetry of the Hopfield '
+                'update, `W1^T act(W1 z) + W2 act(W1 z)`.',
+}
 
-def count_gmacs(model: nn.Module, input_size: Tuple[int, ...]) -> float:
-    """GMACs of one image through ``model`` in eval mode (FLOPs / 2, as timm's tables count them).
 
-    torch's FlopCounterMode counts matrix products, convolutions and attention; norms, softmax and
-    elementwise ops are not counted, as in timm's published numbers.
-    """
-    was_training = model.training
-    model.eval()  # in training mode the forward would write the memory
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size))
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 2 / 1e9
+# accuracy columns of summary.csv (eval_ + key) and of validate.py's JSON, as the card names them
+_ACCURACIES = {'top1': 'Top-1', 'relational_top1': 'Relational', 'non_relational_top1': 'Non-relational'}
 
 
 def read_summary(path: str) -> Dict[str, Any]:
-    """Best and final eval top-1 of a run, from the summary.csv the training script writes."""
+    """The best and the final epoch of a run, from the summary.csv the training script writes.
+
+    Returns ``best`` and ``final``, each ``{'epoch': int, 'top1': float, ...}`` with every
+    accuracy the run recorded (relational and non-relational ones for Sort-of-CLEVR), and
+    ``num_epochs``. The best epoch is the first with the highest eval top-1.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'run summary {path!r} does not exist')
     with open(path, newline='') as f:
         rows = list(csv.DictReader(f))
     if not rows or 'eval_top1' not in rows[0] or 'epoch' not in rows[0]:
         raise ValueError(f'{path!r} is not a training summary (no rows, or no epoch / eval_top1 column)')
-    best = max(rows, key=lambda row: float(row['eval_top1']))  # first of equals: the earliest epoch
-    final = rows[-1]
-    return dict(
-        best_top1=float(best['eval_top1']), best_epoch=int(best['epoch']),
-        final_top1=float(final['eval_top1']), final_top5=float(final['eval_top5']) if 'eval_top5' in final else None,
-        final_epoch=int(final['epoch']), num_epochs=len(rows))
+    columns = [key for key in _ACCURACIES if f'eval_{key}' in rows[0]]
+
+    def epoch(row):
+        return dict(epoch=int(row['epoch']), **{key: float(row[f'eval_{key}']) for key in columns})
+
+    best = max(rows, key=lambda row: float(row['eval_top1']))  # max keeps the first of equals
+    return dict(best=epoch(best), final=epoch(rows[-1]), num_epochs=len(rows))
 
 
 def read_validation(path: str) -> Dict[str, Any]:
@@ -89,21 +106,63 @@ def gwl_settings(model: nn.Module) -> List[Tuple[str, Any]]:
 def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Dict[str, Any]]) -> str:
     lines = []
     if summary:
+        columns = [key for key in _ACCURACIES if key in summary['final']]
         lines += [
-            f"Training run, {summary['num_epochs']} epochs (eval top-1 from the run's summary.csv):",
+            f"Training run, {summary['num_epochs']} epochs (eval accuracy from the run's summary.csv):",
             '',
-            '| | Epoch | Top-1 (%) |',
-            '|---|---|---|',
-            f"| Best | {summary['best_epoch']} | {summary['best_top1']:.2f} |",
-            f"| Final | {summary['final_epoch']} | {summary['final_top1']:.2f} |",
+            '| | Epoch | ' + ' | '.join(f'{_ACCURACIES[key]} (%)' for key in columns) + ' |',
+            '|---|---|' + '---|' * len(columns),
         ]
+        for name in ('best', 'final'):
+            row = summary[name]
+            lines.append(f"| {name.title()} | {row['epoch']} | " + ' | '.join(f'{row[k]:.2f}' for k in columns) + ' |')
     if validation:
         if lines:
             lines.append('')
-        top5 = f", top-5 {validation['top5']:.2f}%" if 'top5' in validation else ''
-        where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'num_samples') if k in validation)
-        lines.append(f"`validate.py` on these weights: top-1 {validation['top1']:.2f}%{top5} ({where}).")
+        scores = [f"top-1 {validation['top1']:.2f}%"]
+        if 'top5' in validation:
+            scores.append(f"top-5 {validation['top5']:.2f}%")
+        scores += [f'{_ACCURACIES[key].lower()} {validation[key]:.2f}%'
+                   for key in ('relational_top1', 'non_relational_top1') if key in validation]
+        where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'num_samples', 'seed')
+                          if k in validation)
+        lines.append(f"`validate.py` on these weights: {', '.join(scores)} ({where}).")
     return '\n'.join(lines) if lines else 'No results were recorded for these weights.'
+
+
+def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
+    """What the model is, in words: the card's description, model type and architecture details."""
+    question = getattr(model, 'question_dim', None) is not None
+    task = 'visual question answering model' if question else 'image classifier'
+    block_type = getattr(model, 'block_type', None)
+    if block_type is not None:  # HamMixer
+        description = _MIXER.format(block_type=block_type, task=task, dataset=dataset_title,
+                                    block_text=_MIXER_BLOCKS[block_type])
+        details = [f'- **Mixer block:** `{block_type}`']
+    elif gwl_settings(model):
+        description = _AIT.format(task=task, dataset=dataset_title)
+        details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in gwl_settings(model)]
+    else:
+        description = _VIT_TWIN.format(task=task, dataset=dataset_title)
+        details = ['- **Global Workspace Layer:** none (the ViT twin, `gwl=False`)']
+    if question:
+        description += _QUESTION
+    return dict(
+        description=description,
+        model_type=('Visual question answering (an image and a question in, an answer out)' if question
+                    else 'Image classification / feature backbone'),
+        architecture_details='\n'.join(details),
+        usage_template='usage_question_answering.md' if question else 'usage_image_classification.md',
+        task_tag='visual-question-answering' if question else 'image-classification',
+    )
+
+
+def _read_template(name: str, template_dir: Path) -> Template:
+    path = Path(template_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f'model card template {str(path)!r} not found; the templates live in hub_cards/ of '
+                                'the timm-ait source tree (install it from source, e.g. pip install -e .)')
+    return Template(path.read_text(encoding='utf-8'))
 
 
 def render_model_card(
@@ -112,25 +171,33 @@ def render_model_card(
         dataset: str,
         summary: Optional[Dict[str, Any]] = None,
         validation: Optional[Dict[str, Any]] = None,
-        template_path: Path = TEMPLATE_PATH,
+        input_size: Optional[Tuple[int, int, int]] = None,
+        template_dir: Path = TEMPLATE_DIR,
 ) -> str:
-    """README.md of ``model`` published as ``repo_id``, trained on ``dataset`` (a training-script name)."""
+    """README.md of ``model`` published as ``repo_id``, trained on ``dataset`` (a training-script name).
+
+    ``input_size`` is the (C, H, W) the weights were trained at; by default the model's pretrained cfg's.
+    """
     from .data.factory import DATASETS
 
     cfg = model.pretrained_cfg
-    input_size = tuple(cfg['input_size'])
-    settings = gwl_settings(model) or [('Global Workspace Layer', 'none (no GWL in this model)')]
+    input_size = tuple(input_size or cfg['input_size'])
+    dataset_title = DATASETS.get(dataset, dataset)
+    about = _describe(model, dataset_title)
+    cost = profile_model(model, input_size)
     values = dict(
         model_name=repo_id.split('/')[-1],
         repo_id=repo_id,
         architecture=cfg['architecture'],
         license=cfg.get('license', 'apache-2.0'),
         dataset_id=HUB_DATASET_IDS.get(dataset, dataset.split('/')[-1]),
-        dataset_title=DATASETS.get(dataset, dataset),
+        dataset_title=dataset_title,
         params_m=f'{sum(p.numel() for p in model.parameters()) / 1e6:.3g}',
-        gmacs=f'{count_gmacs(model, input_size):.3g}',
+        gmacs=f"{cost['gmacs']:.3g}",
+        activations_m=f"{cost['activations_m']:.3g}",
         image_size=f'{input_size[1]} x {input_size[2]}',
-        gwl_settings='\n'.join(f'  - {name}: {value}' for name, value in settings),
         results=_results_markdown(summary, validation),
+        usage=_read_template(about.pop('usage_template'), template_dir).substitute(repo_id=repo_id).rstrip(),
+        **about,
     )
-    return Template(Path(template_path).read_text(encoding='utf-8')).substitute(values)
+    return _read_template('model_card.md', template_dir).substitute(values)

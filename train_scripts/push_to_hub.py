@@ -12,7 +12,8 @@ run's results (summary.csv beside the checkpoint, and --results-file from valida
 back with ``timm.create_model('hf-hub:REPO')`` or ``('local-dir:DIR')`` once timm_ait is imported.
 
 The repo id defaults to where ``pretrained=True`` looks: ``timm_ait.hub.hf_hub_id(model, tag)``,
-the tag following from the dataset (triangle, cifar10, cifar100, pet) unless --tag is given.
+the tag following from the dataset (triangle, sort_of_clevr, cifar10, cifar100, pet) unless --tag
+is given.
 Everything that can fail is checked before anything is uploaded or overwritten, cheapest first:
 repo id, token, --local-dir, the checkpoint against the model, then the Hub connection (and the
 token with it). The upload is one commit of the three files.
@@ -38,8 +39,8 @@ from timm_ait.hub import hf_hub_id
 from timm_ait.hub_card import read_summary, read_validation, render_model_card
 
 # the pretrained tag of the models' default cfgs for each training-script dataset
-DATASET_TAGS = {'triangle': 'triangle', 'torch/cifar10': 'cifar10', 'torch/cifar100': 'cifar100',
-                'torch/oxford-pet': 'pet'}
+DATASET_TAGS = {'triangle': 'triangle', 'sort-of-clevr': 'sort_of_clevr', 'torch/cifar10': 'cifar10',
+                'torch/cifar100': 'cifar100', 'torch/oxford-pet': 'pet'}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +82,8 @@ def write_hub_folder(model, folder: str, repo_id: str, dataset: str, data_config
                      summary: dict = None, validation: dict = None) -> None:
     """config.json + model.safetensors (timm's save_for_hf) and the rendered README.md."""
     save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
-    card = render_model_card(model, repo_id, dataset, summary=summary, validation=validation)
+    card = render_model_card(model, repo_id, dataset, summary=summary, validation=validation,
+                             input_size=data_config['input_size'])
     with open(os.path.join(folder, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(card)
     # what users will do with it: the config must rebuild this model and load these weights
