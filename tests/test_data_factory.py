@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from timm_ait.data.factory import create_ait_dataset
+from timm_ait.data.factory import check_num_classes, create_ait_dataset, dataset_num_classes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,9 @@ def test_cifar10_splits(cifar10_root):
     assert (len(train), len(test)) == (40, 8)
     image, label = train[0]
     assert isinstance(image, Image.Image) and image.size == (32, 32) and 0 <= label < 10
-    assert len(create_ait_dataset('torch/cifar10', root=str(cifar10_root), split='train', num_samples=5)) == 5
+    first_five = create_ait_dataset('torch/cifar10', root=str(cifar10_root), split='train', num_samples=5)
+    assert len(first_five) == 5
+    assert dataset_num_classes(train) == dataset_num_classes(first_five) == 10  # through the subset too
 
 
 def test_training_on_cifar_stand_in(cifar10_root, tmp_path):
@@ -69,7 +71,7 @@ def test_oxford_pet_stand_in(tmp_path):
     for split in ('trainval', 'test'):
         (base / 'annotations' / f'{split}.txt').write_text('\n'.join(lines) + '\n')
     dataset = create_ait_dataset('torch/oxford-pet', root=str(tmp_path), split='train')
-    assert len(dataset) == 4
+    assert len(dataset) == 4 and dataset_num_classes(dataset) == 2  # the breeds of the stand-in
     image, label = dataset[0]
     assert image.mode == 'RGB' and label in (0, 1)
     dataset.transform = torchvision.transforms.Compose([
@@ -82,7 +84,7 @@ def test_image_folder(tmp_path):
         (tmp_path / 'train' / cls).mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / cls / 'a.png')
     dataset = create_ait_dataset('folder', root=str(tmp_path), split='train')
-    assert len(dataset) == 2
+    assert len(dataset) == 2 and dataset_num_classes(dataset) == 2
     with pytest.raises(FileNotFoundError, match="no directory .* for split 'validation'"):
         create_ait_dataset('folder', root=str(tmp_path), split='validation')
 
@@ -100,3 +102,16 @@ def test_dataset_errors(name, root, error, match):
 def test_missing_cifar_files_in_an_existing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match='--dataset-download'):
         create_ait_dataset('torch/cifar10', root=str(tmp_path))
+
+
+def test_class_count_of_generated_data_and_the_check_against_the_model(tmp_path):
+    triangle = create_ait_dataset('triangle', root=str(tmp_path), num_samples=4, progress=False)
+    clevr = create_ait_dataset('sort-of-clevr', root=str(tmp_path), num_samples=2, progress=False)
+    assert (dataset_num_classes(triangle), dataset_num_classes(clevr)) == (2, 10)
+    check_num_classes(torch.nn.Linear(1, 1), triangle, 'triangle')  # says nothing of its classes: no check
+    model = torch.nn.Module()
+    model.num_classes = 2
+    check_num_classes(model, triangle, 'triangle')
+    with pytest.raises(ValueError, match=r"dataset 'sort-of-clevr' has 10 classes but the model has 2 outputs"
+                                         r".*--num-classes 10"):
+        check_num_classes(model, clevr, 'sort-of-clevr')

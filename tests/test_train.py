@@ -108,6 +108,16 @@ def test_bad_requests_fail_before_any_work(args, message, tmp_path):
     assert not (tmp_path / 'x').exists()
 
 
+def test_labels_that_do_not_fit_the_classifier_fail_before_any_work(tmp_path):
+    proc = run(TRAIN, '--num-classes', '10', '--train-num-samples', '8', '--val-num-samples', '8',
+               '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'x',
+               '--model-kwargs', *TINY_KWARGS, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "dataset 'triangle' has 2 classes but the model has 10 outputs (num_classes=10); pass --num-classes 2" \
+        in proc.stderr
+    assert not (tmp_path / 'x').exists()
+
+
 def test_unreadable_and_mismatched_resume_files(trained, tmp_path):
     root, data = trained
     garbage = tmp_path / 'garbage.pth.tar'

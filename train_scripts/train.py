@@ -34,7 +34,7 @@ from timm.utils import (
 )
 
 import timm_ait
-from timm_ait.data.factory import DATASETS, create_ait_dataset, dataset_needs_no_aug
+from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_needs_no_aug
 from timm_ait.engine import (
     amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict, state_digest, to_device,
 )
@@ -214,6 +214,7 @@ def build_loaders(args, model, device):
                                  **{**common, 'questions': 'all'})
     if args.distributed and is_primary(args):
         torch.distributed.barrier()
+    check_num_classes(model, train_set, args.dataset)
 
     two_inputs = args.dataset == 'sort-of-clevr'
     use_prefetcher = device.type == 'cuda' and not two_inputs

@@ -21,7 +21,7 @@ from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
 import timm_ait  # noqa: F401  (registers the models)
-from timm_ait.data.factory import DATASETS, create_ait_dataset
+from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
 from timm_ait.engine import amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict
 
 _logger = logging.getLogger('validate')
@@ -82,6 +82,7 @@ def validate(args) -> dict:
     data_config = resolve_data_config(vars(args), model=model)
     dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
                                  num_samples=args.num_samples, seed=args.seed)
+    check_num_classes(model, dataset, args.dataset)
     two_inputs = args.dataset == 'sort-of-clevr'
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
@@ -93,7 +94,8 @@ def validate(args) -> dict:
                        getattr(dataset, 'is_relational', None))
     results = dict(
         model=args.model, checkpoint=args.checkpoint or None, pretrained=args.pretrained, dataset=args.dataset,
-        split=args.split, num_samples=len(dataset), batch_size=args.batch_size,
+        split=args.split, num_samples=len(dataset),
+        **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}), batch_size=args.batch_size,
         param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         **{k: round(float(v), 4) for k, v in metrics.items()},
         seconds=round(time.time() - start, 2),

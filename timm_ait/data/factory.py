@@ -4,7 +4,8 @@ from typing import Optional
 
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['DATASETS', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug']
+__all__ = ['DATASETS', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug', 'dataset_is_generated',
+           'dataset_num_classes', 'check_num_classes']
 
 # name -> what it is; generated datasets need no data directory
 DATASETS = {
@@ -16,6 +17,8 @@ DATASETS = {
     'folder': 'an image folder per split (DATA_DIR/SPLIT/CLASS/*.jpg), through timm',
 }
 _TRAIN_SPLITS = ('train', 'training')
+# made by this package from a seed, so no data directory is needed
+_GENERATED = ('triangle', 'sort-of-clevr')
 # generated data whose labels a crop or a flip would change (a clipped cluster, 'is it on the left')
 _NO_AUG = ('triangle', 'sort-of-clevr')
 
@@ -26,6 +29,37 @@ def is_train_split(split: str) -> bool:
 
 def dataset_needs_no_aug(name: str) -> bool:
     return name in _NO_AUG
+
+
+def dataset_is_generated(name: str) -> bool:
+    return name in _GENERATED
+
+
+def dataset_num_classes(dataset: Dataset) -> Optional[int]:
+    """How many classes (answers) the labels of a dataset from ``create_ait_dataset`` range over.
+
+    Read from what each kind of dataset says of itself (``num_classes``, torchvision's ``classes``,
+    timm's folder reader's ``class_to_idx``), through subsets and wrappers; None if it says nothing.
+    """
+    while dataset is not None:
+        if getattr(dataset, 'num_classes', None) is not None:
+            return int(dataset.num_classes)
+        if getattr(dataset, 'classes', None) is not None:
+            return len(dataset.classes)
+        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+        if class_to_idx:
+            return len(class_to_idx)
+        dataset = getattr(dataset, 'dataset', None)
+    return None
+
+
+def check_num_classes(model, dataset: Dataset, name: str) -> None:
+    """A clear error, before any step, when the labels of ``dataset`` do not fit the model's classifier."""
+    classes = dataset_num_classes(dataset)
+    outputs = getattr(model, 'num_classes', None)
+    if classes is not None and outputs is not None and outputs != classes:
+        raise ValueError(f'dataset {name!r} has {classes} classes but the model has {outputs} outputs '
+                         f'(num_classes={outputs}); pass --num-classes {classes}')
 
 
 def _check_name(name: str) -> None:
@@ -87,9 +121,9 @@ def create_ait_dataset(
             if not os.path.isdir(split_dir):
                 raise FileNotFoundError(f'image folder dataset: no directory {split_dir!r} for split {split!r}')
             dataset = create_dataset('', root=split_dir, is_training=train)
-    except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted'
-        raise FileNotFoundError(f'dataset {name!r} not found under {root!r}: {e} '
-                                '(add --dataset-download to fetch it)') from e
+    except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted', timm's 'Found 0 images'
+        hint = ' (add --dataset-download to fetch it)' if name.startswith('torch/') else ''
+        raise FileNotFoundError(f'dataset {name!r} not found under {root!r}: {e}{hint}') from e
     if num_samples is not None and num_samples < len(dataset):
         dataset = _TransformableSubset(dataset, range(num_samples))
     return dataset
