@@ -200,3 +200,23 @@ def test_items(tmp_path):
     assert isinstance(received[0], Image.Image) and received[0].mode == "RGB"
     assert images.shape == (4, 3, 8, 8) and questions.shape == (4, QUESTION_DIM)
     assert answers.tolist() == dataset.answers[:4].tolist()
+
+
+def test_grid_of_questions_and_answers_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "train_scripts" / "show_sort_of_clevr.py"
+    spec = importlib.util.spec_from_file_location("show_sort_of_clevr", script)
+    show = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(show)
+
+    dataset = make(tmp_path, split="test", num_images=5)
+    items = show.questions_to_show(dataset, 3, 5)
+    assert (dataset.image_index[items] == 3).all()
+    assert dataset.is_relational[items].tolist() == [False] * 3 + [True] * 2
+    out = tmp_path / "grid.png"
+    show.main(["--data-dir", str(tmp_path), "--split", "test", "--num-images", "5", "--num-shown", "5",
+               "--out", str(out)])
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.width > grid.height > 300

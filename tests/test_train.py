@@ -194,6 +194,20 @@ def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
     assert last >= 65.0 and last > first, rows
     # relational accuracy is reported beside it (these questions were not trained on)
     assert 'eval_relational_top1' in rows[-1]
+    # validate.py asks the questions of training's eval, or one kind of them
+    results = {}
+    for questions in ('all', 'non_relational'):
+        out = tmp_path / f'{questions}.json'
+        run(VALIDATE, '--model', 'ait_small_patch5_75', '--checkpoint', str(tmp_path / 'soc' / 'last.pth.tar'),
+            '--dataset', 'sort-of-clevr', '--data-dir', str(tmp_path / 'data'), '--num-samples', '50', '-j', '0',
+            '--sort-of-clevr-questions', questions, '--results-file', str(out))
+        results[questions] = __import__('json').loads(out.read_text())
+        assert results[questions]['questions'] == questions and results[questions]['seed'] == 42
+    final = {k: float(rows[-1][f'eval_{k}']) for k in ('top1', 'relational_top1', 'non_relational_top1')}
+    assert {k: results['all'][k] for k in final} == pytest.approx(final, abs=1e-3)
+    only = results['non_relational']
+    assert only['top1'] == only['non_relational_top1'] == pytest.approx(final['non_relational_top1'], abs=1e-3)
+    assert 'relational_top1' not in only
 
 
 def test_demo_quick_trains_and_validates(tmp_path):

@@ -16,7 +16,7 @@ from timm_ait.data.sort_of_clevr import SortOfClevr, answer_name, describe_quest
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=None,
+    parser.add_argument("--data-dir", "--root", dest="root", default=None,
                         help="cache directory (default: $TIMM_AIT_DATA or ~/.cache/timm_ait)")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--num-images", type=int, default=None,

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--dataset-download', action='store_true')
     parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
     parser.add_argument('--seed', type=int, default=42, help='seed of a generated dataset (as in training)')
+    parser.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
+                        help='which Sort-of-CLEVR questions to ask (with all, both kinds are also reported apart)')
     parser.add_argument('-b', '--batch-size', type=int, default=256)
     parser.add_argument('-j', '--workers', type=int, default=2)
     parser.add_argument('--amp', action='store_true')
@@ -81,7 +83,8 @@ def validate(args) -> dict:
     model = load_model(args).to(device).eval()
     data_config = resolve_data_config(vars(args), model=model)
     dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
-                                 num_samples=args.num_samples, seed=args.seed)
+                                 num_samples=args.num_samples, seed=args.seed,
+                                 questions=args.sort_of_clevr_questions)
     check_num_classes(model, dataset, args.dataset)
     two_inputs = args.dataset == 'sort-of-clevr'
     loader = create_loader(
@@ -95,7 +98,8 @@ def validate(args) -> dict:
     results = dict(
         model=args.model, checkpoint=args.checkpoint or None, pretrained=args.pretrained, dataset=args.dataset,
         split=args.split, num_samples=len(dataset),
-        **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}), batch_size=args.batch_size,
+        **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}),
+        **({'questions': args.sort_of_clevr_questions} if two_inputs else {}), batch_size=args.batch_size,
         param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         **{k: round(float(v), 4) for k, v in metrics.items()},
         seconds=round(time.time() - start, 2),
