@@ -217,6 +217,13 @@ def test_missing_token_fails_before_any_request(tmp_path, hub):
     assert hub.writes == [] and ('GET', '/api/whoami-v2') not in hub.requests
 
 
+def test_refused_token_fails_before_any_write(tmp_path, hub):
+    result = run([PUSH_SCRIPT, make_checkpoint(tmp_path / 'run')], client_env(tmp_path, hub.endpoint, 'hf_wrong'),
+                 check=False)
+    assert result.returncode == 2 and f'the Hub at {hub.endpoint} refused the token' in result.stderr, result.stderr
+    assert hub.writes == []
+
+
 def test_unreachable_hub_fails_clearly(tmp_path):
     endpoint = f'http://127.0.0.1:{closed_port()}'
     result = run([PUSH_SCRIPT, make_checkpoint(tmp_path / 'run')], client_env(tmp_path, endpoint, TOKEN),
