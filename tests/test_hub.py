@@ -345,7 +345,7 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
     assert 'Visual question answering' in card and 'one extra token' in card
     assert '| | Epoch | Top-1 (%) | Relational (%) | Non-relational (%) |' in card
     assert '| Best | 1 | 60.75 | 48.25 | 73.25 |' in card and '| Final | 2 | 59.50 | 47.00 | 72.00 |' in card
-    assert 'relational 49.50%, non-relational 73.50%' in card and 'seed 42' in card
+    assert 'relational 49.50%, non-relational 73.50%' in card and 'num_samples 4000, seed 42' in card
     cost = profile_model(model)
     assert f"GMACs: {cost['gmacs']:.3g}" in card and cost['gmacs'] > 0
 

@@ -124,7 +124,7 @@ def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Di
             scores.append(f"top-5 {validation['top5']:.2f}%")
         scores += [f'{_ACCURACIES[key].lower()} {validation[key]:.2f}%'
                    for key in ('relational_top1', 'non_relational_top1') if key in validation]
-        where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'num_samples', 'seed')
+        where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'questions', 'num_samples', 'seed')
                           if k in validation)
         lines.append(f"`validate.py` on these weights: {', '.join(scores)} ({where}).")
     return '\n'.join(lines) if lines else 'No results were recorded for these weights.'
