@@ -139,9 +139,9 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
         description = _MIXER.format(block_type=block_type, task=task, dataset=dataset_title,
                                     block_text=_MIXER_BLOCKS[block_type])
         details = [f'- **Mixer block:** `{block_type}`']
-    elif gwl_settings(model):
+    elif settings := gwl_settings(model):
         description = _AIT.format(task=task, dataset=dataset_title)
-        details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in gwl_settings(model)]
+        details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in settings]
     else:
         description = _VIT_TWIN.format(task=task, dataset=dataset_title)
         details = ['- **Global Workspace Layer:** none (the ViT twin, `gwl=False`)']
