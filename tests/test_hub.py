@@ -8,8 +8,8 @@ trained on Triangle (tests/fixtures/README.md says how).
 import argparse
 import contextlib
 import csv
-import io
 import importlib.util
+import io
 import json
 import os
 import socket
