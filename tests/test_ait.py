@@ -1,5 +1,6 @@
 """The AiT models as timm models: registry, sizes, timm API, state dicts, errors."""
 import copy
+from functools import partial
 
 import pytest
 import timm
@@ -7,6 +8,7 @@ import torch
 
 import timm_ait
 from timm_ait.models.ait import ABLATIONS, AssociativeTransformer, checkpoint_filter_fn
+from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF
 
 # image-only models; the question-conditioned ones are tested in test_ait_relational.py
 AIT_NAMES = timm.list_models('ait_*', exclude_filters=['*_patch5_75'])
@@ -249,108 +251,201 @@ def test_is_a_vision_transformer():
 
 
 # --- the authors' checkpoints (github.com/yuweisunn/associative-transformer) ----------------------
+# The reference below follows THEIR code (vit_hn.py, ait.py, MHA.py): their module and key names, their
+# layouts and eps values, written from their source and never from this project's modules.
 
-AUTHORS = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_slots=8, slot_dim=16,
-               gwl_heads=2, bottleneck=10, memory_l2norm=True, num_classes=10)
+# Their AiT-Small with ait.py's CIFAR-10 defaults: vit_hn.ViT(image_size=32, patch_size=4, dim=768, depth=2,
+# heads=12, mlp_dim=3072; dim_head=64), each feed-forward replaced by ait.ModularNN (memory_head=8,
+# memory_dim=32, pattern_size=32, bottleneck=512).
+THEIR_SMALL = dict(image=32, patch=4, channels=3, dim=768, depth=2, heads=12, dim_head=64, mlp_dim=3072,
+                   slots=32, memory_dim=32, memory_heads=8, bottleneck=512, classes=10)
+# the same layout at a size for quick checks, and our kwargs for it
+THEIR_TINY = dict(THEIR_SMALL, dim=64, heads=2, dim_head=32, mlp_dim=128, slots=8, memory_dim=16,
+                  memory_heads=2, bottleneck=10)
+OUR_TINY = dict(embed_dim=64, num_heads=2, num_slots=8, slot_dim=16, gwl_heads=2, bottleneck=10)
 
 
-def authors_state_dict(model):
-    """``model``'s weights under the names of the authors' vit_hn.py + ait.py, with their unused extras."""
-    names = {'patch_embed.norm_in': 'to_patch_embedding.1', 'patch_embed.proj': 'to_patch_embedding.2',
-             'patch_embed.norm': 'to_patch_embedding.3', 'fc_norm': 'mlp_head.0', 'head': 'mlp_head.1'}
-    for i in range(len(model.blocks)):
+def authors_checkpoint(t=THEIR_SMALL, seed=0):
+    """A random ``net.state_dict()`` of their model: their keys and shapes, the unused ones included.
+
+    Scales are chosen so that every LayerNorm's eps shows: the patch embedding's last norm has gains
+    of 0.01, so the residual stream, and the blocks' pre-norm inputs, have a variance near 1e-4, where
+    eps 1e-5 against 1e-6 changes the output by percents. The memory has unit rows, as after any of
+    their writes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    linear = lambda out, inp, gain=1.0: randn(out, inp) * gain / inp ** 0.5
+    norm = lambda n, gain=1.0: {'weight': gain * (1 + 0.1 * randn(n)), 'bias': gain * 0.1 * randn(n)}
+    D, N = t['dim'], (t['image'] // t['patch']) ** 2
+    patch_dim, inner = t['channels'] * t['patch'] ** 2, t['heads'] * t['dim_head']
+    H, m, S = t['memory_heads'], t['memory_dim'], t['slots']
+    modules = {
+        'to_patch_embedding.1': norm(patch_dim),
+        'to_patch_embedding.2': {'weight': linear(D, patch_dim), 'bias': 0.1 * randn(D)},
+        'to_patch_embedding.3': norm(D, gain=0.01),
+        'to_patch_embedding_cnn.0': {'weight': randn(768, 3, 5, 5), 'bias': randn(768)},  # built, never called
+        'mlp_head.0': norm(N * D),
+        'mlp_head.1': {'weight': linear(t['classes'], N * D), 'bias': 0.1 * randn(t['classes'])},
+    }
+    for i in range(t['depth']):
         layer, fn = f'transformer.layers.{i}', f'transformer.layers.{i}.1.fn'
-        names.update({
-            f'blocks.{i}.norm1': f'{layer}.0.norm', f'blocks.{i}.attn.qkv': f'{layer}.0.fn.to_qkv',
-            f'blocks.{i}.attn.proj': f'{layer}.0.fn.to_out.0', f'blocks.{i}.norm2': f'{layer}.1.norm',
-            f'blocks.{i}.mlp.fc1': f'{fn}.fc1', f'blocks.{i}.mlp.fc2': f'{fn}.fc2', f'blocks.{i}.mlp.norm': f'{fn}.norm',
-            f'blocks.{i}.mlp.read.up': f'{fn}.fc3', f'blocks.{i}.mlp.memory': f'{fn}.memoryupdate',
-            f'blocks.{i}.mlp.write_attn.q': f'{fn}.memoryupdate.mha.w_qs',
-            f'blocks.{i}.mlp.write_attn.k': f'{fn}.memoryupdate.mha.w_ks',
-            f'blocks.{i}.mlp.write_attn.v': f'{fn}.memoryupdate.mha.w_vs',
-            f'blocks.{i}.mlp.write_attn.proj': f'{fn}.memoryupdate.mha.fc',
-            f'blocks.{i}.mlp.write_norm': f'{fn}.memoryupdate.mha.layer_norm',
+        memory = randn(S, m)
+        modules.update({
+            f'{layer}.0.norm': norm(D),
+            f'{layer}.0.fn.to_qkv': {'weight': linear(3 * inner, D)},
+            f'{layer}.0.fn.to_out.0': {'weight': linear(D, inner, gain=0.01), 'bias': 0.001 * randn(D)},
+            f'{layer}.1.norm': norm(D),
+            f'{fn}.memoryupdate': {'memory': memory / memory.norm(dim=1, keepdim=True), 'beta': torch.tensor(0.9)},
+            f'{fn}.memoryupdate.mha.w_qs': {'weight': linear(H * m, m)},
+            f'{fn}.memoryupdate.mha.w_ks': {'weight': linear(H * m, D)},
+            f'{fn}.memoryupdate.mha.w_vs': {'weight': linear(H * m, D)},
+            f'{fn}.memoryupdate.mha.fc': {'weight': linear(m, H * m)},
+            f'{fn}.memoryupdate.mha.layer_norm': norm(m),
+            f'{fn}.fc1': {'weight': linear(t['mlp_dim'], D), 'bias': 0.1 * randn(t['mlp_dim'])},
+            f'{fn}.fc2': {'weight': linear(D, t['mlp_dim']), 'bias': 0.1 * randn(D)},
+            f'{fn}.fc3': {'weight': linear(D, m), 'bias': 0.1 * randn(D)},
+            f'{fn}.norm': norm(D, gain=0.01),
         })
-    out = {}
-    for key, value in model.state_dict().items():
-        if key == 'pos_embed':
-            continue  # their forward has none
-        module, leaf = key.rsplit('.', 1)
-        out[f'{names[module]}.{leaf}'] = value.clone()
-    D, N = model.embed_dim, model.patch_embed.num_patches
-    out.update({'cls_token': torch.randn(1, 1, D), 'pos_embedding': torch.randn(1, N + 1, D),
-                'to_patch_embedding_cnn.0.weight': torch.randn(D, 3, 5, 5), 'to_patch_embedding_cnn.0.bias': torch.randn(D)})
-    for i in range(len(model.blocks)):
-        out[f'transformer.layers.{i}.1.fn.memoryupdate.beta'] = torch.tensor(0.9)
-    return out
+    sd = {f'{module}.{leaf}': value for module, leaves in modules.items() for leaf, value in leaves.items()}
+    sd.update(cls_token=randn(1, 1, D), pos_embedding=randn(1, N + 1, D))  # built, never used in forward
+    return sd
 
 
-def authors_forward(sd, images, depth, heads, gwl_heads, bottleneck, patch=8):
-    """A training step's forward as the authors' code computes it, from their state dict.
+def _their_cv_squared(x):
+    # MHA.ScaledDotProductAttention.cv_squared
+    if x.shape[0] == 1:
+        return torch.tensor([0], dtype=x.dtype)
+    return x.float().var() / (x.float().mean() ** 2 + 1e-10)
 
-    Returns the logits and each layer's memory after the write.
+
+def authors_training_forward(sd, img, t=THEIR_SMALL):
+    """vit_hn.ViT.forward with ait.ModularNN feed-forwards, as their training loop calls it, dropout off.
+
+    Returns the logits, their ``aux_loss`` (the balance loss, already times 1e-2) and each layer's
+    memory after its write.
     """
     F = torch.nn.functional
-    ln = lambda t, name, eps=1e-5: F.layer_norm(t, t.shape[-1:], sd[f'{name}.weight'], sd[f'{name}.bias'], eps)
-    linear = lambda t, name: F.linear(t, sd[f'{name}.weight'], sd.get(f'{name}.bias'))
-    B, C, H, W = images.shape
-    # 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'
-    x = images.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1)
-    x = x.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+    def ln(x, name, eps=1e-5):  # nn.LayerNorm(dim), PyTorch's default eps, unless they set one
+        return F.layer_norm(x, x.shape[-1:], sd[f'{name}.weight'], sd[f'{name}.bias'], eps)
+
+    def linear(x, name):
+        return F.linear(x, sd[f'{name}.weight'], sd.get(f'{name}.bias'))
+
+    B, C, Hi, Wi = img.shape
+    p = t['patch']
+    # Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)')
+    x = img.reshape(B, C, Hi // p, p, Wi // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
     x = ln(linear(ln(x, 'to_patch_embedding.1'), 'to_patch_embedding.2'), 'to_patch_embedding.3')
-    N, D = x.shape[1:]
-    memories = []
-    for i in range(depth):
+    N, D = x.shape[1:]  # ViT.forward adds no cls token and no position embedding
+    aux_loss, memories = 0, []
+    for i in range(t['depth']):
         layer, fn = f'transformer.layers.{i}', f'transformer.layers.{i}.1.fn'
+        # PreNorm(dim, Attention): x = attn(x) + x
         q, k, v = linear(ln(x, f'{layer}.0.norm'), f'{layer}.0.fn.to_qkv').chunk(3, dim=-1)
-        q, k, v = (t.reshape(B, N, heads, -1).transpose(1, 2) for t in (q, k, v))
-        a = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
-        x = x + linear(a.transpose(1, 2).reshape(B, N, -1), f'{layer}.0.fn.to_out.0')
-
-        h = ln(linear(F.gelu(linear(ln(x, f'{layer}.1.norm'), f'{fn}.fc1')), f'{fn}.fc2'), f'{fn}.norm')
-        s = h.reshape(B * N, D)  # every patch of the batch competes
-        M = sd[f'{fn}.memoryupdate.memory']
-        S, m = M.shape
-        heads_of = lambda t: t.reshape(t.shape[0], gwl_heads, m).transpose(0, 1)
-        Q = heads_of(linear(M, f'{fn}.memoryupdate.mha.w_qs'))
-        K, V = heads_of(linear(s, f'{fn}.memoryupdate.mha.w_ks')), heads_of(linear(s, f'{fn}.memoryupdate.mha.w_vs'))
-        scores = Q @ K.transpose(-1, -2) / m ** 0.5
-        top, index = scores.topk(bottleneck, dim=-1)
-        gates = torch.zeros_like(scores).scatter(-1, index, top.softmax(-1))
-        O = linear((gates @ V).transpose(0, 1).reshape(S, gwl_heads * m), f'{fn}.memoryupdate.mha.fc')
-        candidate = ln(O + M, f'{fn}.memoryupdate.mha.layer_norm', eps=1e-6)
-        M = 0.9 * M + 0.1 * candidate
-        M = M / M.norm(dim=1, keepdim=True)
-        memories.append(M)
-        Y = linear(M, f'{fn}.fc3')
-        x = x + torch.softmax(h @ Y.T, dim=-1) @ Y + h  # static Hopfield read, beta 1, plus its skip
-    return linear(ln(x.reshape(B, -1), 'mlp_head.0'), 'mlp_head.1'), memories
+        q, k, v = (u.reshape(B, N, t['heads'], -1).transpose(1, 2) for u in (q, k, v))  # 'b n (h d) -> b h n d'
+        attn = torch.softmax(q @ k.transpose(-1, -2) * t['dim_head'] ** -0.5, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, -1)  # 'b h n d -> b n (h d)'
+        x = linear(out, f'{layer}.0.fn.to_out.0') + x
+        # PreNorm(dim, ModularNN): h, aux = ff(x); x = h + x
+        out_moe = ln(linear(F.gelu(linear(ln(x, f'{layer}.1.norm').reshape(-1, D), f'{fn}.fc1')), f'{fn}.fc2'),
+                     f'{fn}.norm')
+        memory, loss = _their_memory_update(sd, f'{fn}.memoryupdate', out_moe, t)
+        memories.append(memory)
+        aux_loss = aux_loss + loss
+        out_moe = out_moe.reshape(-1, N, D)
+        y = linear(memory, f'{fn}.fc3')
+        # hflayers.Hopfield with static patterns, scaling beta = 1, no norms or projections
+        out_hf = torch.softmax(out_moe @ y.transpose(0, 1), dim=-1) @ y
+        x = (out_hf + out_moe) + x
+    return linear(ln(x.reshape(B, -1), 'mlp_head.0'), 'mlp_head.1'), aux_loss, memories
 
 
-def test_authors_checkpoint_converts_and_computes_what_their_code_computes():
-    torch.manual_seed(0)
-    source = timm.create_model('ait_small_patch4_32', **AUTHORS)
-    with torch.no_grad():  # weights far from their init, so that a swapped name cannot go unnoticed
-        for p in source.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-        for block in source.blocks:
-            block.mlp.memory.memory.normal_()
-    theirs = authors_state_dict(source)
+def _their_memory_update(sd, prefix, moe, t):
+    """ait.MemoryUpdate.forward: MHA.MultiHeadAttention(memory, patches, patches, bottleneck), the EWMA
+    through .data and the row normalisation."""
+    F = torch.nn.functional
+    mha, H, d, k = f'{prefix}.mha', t['memory_heads'], t['memory_dim'], t['bottleneck']
+    mem = sd[f'{prefix}.memory']
+    S, T = mem.shape[0], moe.shape[0]
+    # MultiHeadAttention.forward, batch of one: b x lq x n x dv, then b x n x lq x dv
+    q = F.linear(mem, sd[f'{mha}.w_qs.weight']).view(1, S, H, d).transpose(1, 2)
+    key = F.linear(moe, sd[f'{mha}.w_ks.weight']).view(1, T, H, d).transpose(1, 2)
+    v = F.linear(moe, sd[f'{mha}.w_vs.weight']).view(1, T, H, d).transpose(1, 2)
+    # ScaledDotProductAttention.forward: one head at a time
+    loss, output = 0, []
+    for i in range(H):
+        attn = torch.matmul(q / d ** 0.5, key.transpose(2, 3))[0][i]
+        top_logits, top_indices = attn.topk(min(k + 1, attn.size(1)), dim=-1)
+        gate = torch.zeros_like(attn).scatter(1, top_indices[:, :k], F.softmax(top_logits[:, :k], dim=-1))
+        output.append(torch.matmul(gate, v[0, i, :, :]))
+        loss += (_their_cv_squared(gate.sum(0)) + _their_cv_squared((gate > 0).sum(0))) * 1e-2
+    output = torch.stack(output, dim=1)                        # (slots, heads, head_dim)
+    out = output.transpose(1, 2).contiguous().view(1, S, -1)   # (1, slots, head_dim * heads): index d * H + h
+    out = F.linear(out, sd[f'{mha}.fc.weight']) + mem          # self.dropout(self.fc(q)) + residual
+    out = F.layer_norm(out, (d,), sd[f'{mha}.layer_norm.weight'], sd[f'{mha}.layer_norm.bias'], 1e-6)
+    momentum = sd[f'{prefix}.beta']
+    memory = mem * momentum + out.squeeze(0) * (1 - momentum)
+    return memory / memory.pow(2).sum(1, keepdim=True).pow(0.5), loss
 
-    model = timm.create_model('ait_small_patch4_32', **AUTHORS)
-    model.load_state_dict(checkpoint_filter_fn(theirs, model))
+
+def _load_theirs(tmp_path, sd, name='ait_small_patch4_32', **kwargs):
+    path = tmp_path / 'ait_cifar10_small_aitTrue_100.pth'  # the name their ait.py saves under
+    torch.save(sd, path)
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                             memory_l2norm=True, **kwargs)
+
+
+def test_norm_eps_and_write_dropout_defaults_and_overrides():
+    # the defaults are what the authors trained (see AssociativeTransformer); each can be set
+    model = tiny()
+    assert {blk.norm1.eps for blk in model.blocks} | {blk.norm2.eps for blk in model.blocks} == {1e-5}
+    assert model.blocks[0].mlp.write_norm.eps == 1e-6 and model.blocks[0].mlp.write_drop.p == 0.0
+    other = tiny(norm_layer=partial(timm.layers.LayerNorm, eps=1e-6), gwl_write_norm_eps=1e-5, gwl_write_drop=0.1)
+    assert other.blocks[1].norm2.eps == 1e-6 and other.blocks[1].mlp.write_norm.eps == 1e-5
+    assert other.blocks[1].mlp.write_drop.p == 0.1
+
+
+def test_their_checkpoint_has_the_papers_size():
+    sd = authors_checkpoint()
+    count = sum(v.numel() for k, v in sd.items() if not k.endswith('.beta'))  # beta is a buffer there
+    assert round(count / 1e6, 1) == 15.8, count  # the paper's AiT-Small
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_authors_checkpoint_computes_their_training_forward(tmp_path, dtype):
+    """Loaded through timm's pretrained path, our training forward is theirs: logits, written memory and
+    balance loss. Batch 16 of 64 patches pools 1,024 > k = 512, so the top-k really selects.
+
+    float32 is what users run: logits and memory to 1e-5. Its rounding can flip a top-k choice between
+    two near-equal scores (that moves one patch's load count by one, about 5e-5 of the balance loss),
+    so the balance loss, and a check tighter than any eps or layout difference could pass, are made
+    in float64, where no choice flips.
+    """
+    sd = authors_checkpoint()
+    model = _load_theirs(tmp_path, sd).to(dtype).train()
     assert torch.equal(model.pos_embed, torch.zeros_like(model.pos_embed))  # their forward adds none
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert images.shape[0] * model.patch_embed.num_patches > model.blocks[0].mlp.write_attn.bottleneck
 
-    images = torch.randn(3, 3, 32, 32)
-    expected, memories = authors_forward(theirs, images, depth=2, heads=2, gwl_heads=2, bottleneck=10)
-    logits = model.train()(images)
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    expected, their_aux_loss, memories = authors_training_forward({k: v.to(dtype) for k, v in sd.items()}, images)
+    logits = model(images)
+    tol = 1e-5 if dtype == torch.float32 else 1e-7
+    torch.testing.assert_close(logits, expected, rtol=tol, atol=tol)
     for block, memory in zip(model.blocks, memories):
-        torch.testing.assert_close(block.mlp.memory.memory, memory, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(block.mlp.memory.memory, memory, rtol=tol, atol=tol)
+    # their aux_loss is the balance loss times 1e-2, summed over heads and layers (both in float32)
+    balance = DEFAULT_BALANCE_LOSS_COEF * model.balance_loss()
+    rtol = 1e-3 if dtype == torch.float32 else 1e-5
+    torch.testing.assert_close(balance, their_aux_loss.reshape(()).to(balance.dtype), rtol=rtol, atol=0)
 
 
-def test_authors_checkpoint_of_another_size_is_refused():
-    theirs = authors_state_dict(timm.create_model('ait_small_patch4_32', **AUTHORS))
-    model = timm.create_model('ait_small_patch4_32', **{**AUTHORS, 'depth': 3})
+def test_authors_checkpoint_of_another_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r'missing: blocks\.2\.'):
-        checkpoint_filter_fn(theirs, model)
+        _load_theirs(tmp_path, authors_checkpoint(THEIR_TINY), **OUR_TINY, depth=3)
+
+
+def test_authors_checkpoint_with_another_smoothing_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r'smoothing 0\.9, the model has smoothing=0\.8'):
+        _load_theirs(tmp_path, authors_checkpoint(THEIR_TINY), **OUR_TINY, smoothing=0.8)

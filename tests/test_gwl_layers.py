@@ -173,7 +173,8 @@ def test_training_forward_writes_memory_by_the_ewma_rule():
     old = layer.memory.memory.clone()
     h = layer.norm(layer.fc2(layer.act(layer.fc1(x)))).reshape(-1, 16)
     out, _ = reference_bottleneck(layer.write_attn, old, h)
-    candidate = F.layer_norm(out + old, (8,), layer.write_norm.weight, layer.write_norm.bias)
+    # the authors' write LayerNorm has eps 1e-6 (MHA.py)
+    candidate = F.layer_norm(out + old, (8,), layer.write_norm.weight, layer.write_norm.bias, eps=1e-6)
     y = layer(x)
     torch.testing.assert_close(layer.memory.memory, 0.9 * old + 0.1 * candidate, rtol=1e-5, atol=1e-6)
     # the read of this step used the new memory, with its gradient to the write path
@@ -188,6 +189,27 @@ def test_l2_normalised_write():
     layer = _gwl(memory_l2norm=True).train()
     layer(torch.randn(2, 5, 16))
     torch.testing.assert_close(layer.memory.memory.norm(dim=-1), torch.ones(6))
+
+
+def test_l2_normalised_memory_starts_from_raw_gaussian():
+    # the authors' memory is torch.randn(S, m), normalised only after each write
+    torch.manual_seed(7)
+    raw = ExplicitMemory(40, 24).memory
+    torch.manual_seed(7)
+    mem = ExplicitMemory(40, 24, l2_normalize=True)
+    assert torch.equal(mem.memory, raw)
+    mem.reset()
+    assert not torch.allclose(mem.memory.norm(dim=-1), torch.ones(40))
+
+
+def test_write_dropout_acts_on_the_projection_before_the_residual():
+    torch.manual_seed(8)
+    layer = _gwl(write_drop=1.0).train()  # drops every element: the candidate is LN_m(0 + M)
+    old = layer.memory.memory.clone()
+    layer(torch.randn(2, 5, 16))
+    candidate = F.layer_norm(old, (8,), layer.write_norm.weight, layer.write_norm.bias, eps=1e-6)
+    torch.testing.assert_close(layer.memory.memory, 0.9 * old + 0.1 * candidate)
+    assert _gwl().write_drop.p == 0.0  # the default, see AssociativeTransformer
 
 
 def test_eval_never_writes_and_is_independent_of_the_batch():

@@ -36,6 +36,9 @@ class GlobalWorkspaceLayer(nn.Module):
         cap_bottleneck: keep all patches when the pool is smaller than k (else an error).
         smoothing: EWMA weight of the old memory. memory_init: 'gaussian', 'uniform', 'identity'.
         memory_l2norm: unit-normalise memory rows after each write (the authors' code).
+        write_drop: dropout on the write's output projection, before ``+ M`` and ``LN_m`` (the
+            authors' module has 0.1; see ``AssociativeTransformer`` for why the default is 0).
+        write_norm_eps: eps of ``LN_m``, the write's LayerNorm (1e-6, as the authors' code).
         beta: Hopfield inverse temperature. hopfield_steps: updates per forward.
         hopfield: False replaces the Hopfield read with multi-head cross-attention (ablation).
         feed_forward: False removes fc1/fc2 (ablation): ``h = LN_g(x)``.
@@ -62,6 +65,8 @@ class GlobalWorkspaceLayer(nn.Module):
             hopfield_steps: int = 1,
             hopfield: bool = True,
             feed_forward: bool = True,
+            write_drop: float = 0.,
+            write_norm_eps: float = 1e-6,
             device=None,
             dtype=None,
     ):
@@ -82,7 +87,8 @@ class GlobalWorkspaceLayer(nn.Module):
                                      l2_normalize=memory_l2norm)
         self.write_attn = BottleneckAttention(dim, slot_dim, gwl_heads, bottleneck=bottleneck,
                                               cap_bottleneck=cap_bottleneck)
-        self.write_norm = nn.LayerNorm(slot_dim)
+        self.write_drop = nn.Dropout(write_drop)
+        self.write_norm = nn.LayerNorm(slot_dim, eps=write_norm_eps)
         if hopfield:
             self.read = HopfieldRetrieval(dim, slot_dim, beta=beta, steps=hopfield_steps)
         else:
@@ -98,7 +104,7 @@ class GlobalWorkspaceLayer(nn.Module):
             memory = self.memory.read()
             # squash: the patches of all samples compete together for the bottleneck
             out, gates = self.write_attn(memory, h.reshape(-1, h.shape[-1]))
-            candidate = self.write_norm(out + memory.to(out.dtype))
+            candidate = self.write_norm(self.write_drop(out) + memory.to(out.dtype))
             memory = self.memory.write(candidate, memory)
             self.balance_loss = balance_loss_from_gates(gates)
         else:

@@ -45,7 +45,8 @@ class ExplicitMemory(nn.Module):
             U(-b, b) with b = 1 / sqrt(S + m)) or 'identity' (ones on the diagonal).
         smoothing: weight of the old memory in the EWMA, ``M <- s * M + (1 - s) * M_hat``.
         l2_normalize: also scale each row of the written memory to unit length, as the
-            authors' code does (their paper's equations do not). Off by default.
+            authors' code does (their paper's equations do not). Off by default. The initial
+            memory is not normalised either way (the authors' starts from raw N(0, 1)).
     """
 
     def __init__(
@@ -84,8 +85,8 @@ class ExplicitMemory(nn.Module):
         else:
             m.zero_()
             m.fill_diagonal_(1.0)
-        if self.l2_normalize:
-            m.copy_(nn.functional.normalize(m, dim=-1))
+        # no row normalisation here even with l2_normalize: the authors' memory starts from raw
+        # N(0, 1) and is normalised only after each write
         self._before_write = None
 
     def init_weights(self) -> None:

@@ -11,9 +11,27 @@ qkv bias; the head flattens all N tokens, ``LN(N*D) -> Linear(N*D, classes)`` (`
 'flatten'``, which fixes the image size). Unlike the authors' code we add timm's learned position
 embedding (their forward adds none; ``pos_embed='none'`` reproduces that).
 
-The authors' checkpoints load as they are: ``checkpoint_filter_fn`` renames their keys
-(``convert_authors_checkpoint``), so ``pretrained_cfg_overlay=dict(file=...)`` or ``load_state_dict``
-through it works; a test checks the converted model computes what their code computes.
+Defaults taken from what the authors trained (github.com/yuweisunn/associative-transformer):
+
+- LayerNorm eps: the blocks' pre-norms are PyTorch's default ``nn.LayerNorm`` there, eps 1e-5
+  (timm's ViT uses 1e-6): ``norm_layer`` defaults to timm's LayerNorm with eps 1e-5, pass
+  another ``norm_layer`` for other values. The write's LayerNorm ``LN_m`` uses eps 1e-6
+  (``gwl_write_norm_eps``). The patch-embedding norms, the GWL's norm after fc2 and the head's
+  ``LN(N*D)`` use 1e-5 in both codes.
+- Write dropout 0 (``gwl_write_drop``). Their write module has Dropout(0.1) after the output
+  projection, but their training script calls ``net.eval()`` for the test pass after the first
+  epoch and never ``net.train()`` again, so their models trained all later epochs (99 of 100)
+  without it. ``gwl_write_drop=0.1`` gives their module as built.
+- Memory row normalisation after each write is off (the paper's equations; the README's choice);
+  ``memory_l2norm=True`` is their code's write. Either way the memory starts from raw N(0, 1).
+
+The authors' checkpoints load as they are: ``checkpoint_filter_fn`` renames their keys and reorders
+the write's output projection (``convert_authors_checkpoint``), so ``pretrained_cfg_overlay=
+dict(file=...)`` or ``load_state_dict`` through it works. With ``memory_l2norm=True`` a converted model's
+training forward computes their training forward (logits, written memory, balance loss) to about 1e-6
+(tests/test_ait.py). Their eval forward also writes the memory, so its output depends on the batch;
+ours follows the paper (eval never writes), so evaluating a converted checkpoint does not reproduce
+their script's test numbers exactly.
 
 Parameters with 10 classes at 32x32, patch 4 (paper: 15.8M / 45.9M / 91.0M): ait_small 15.72M,
 ait_medium 45.82M, ait_base 90.95M. The paper's counts include modules the authors' code builds
@@ -28,7 +46,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import LayerNorm, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -107,6 +125,8 @@ class AssociativeTransformer(VisionTransformer):
             hopfield_steps: int = 1,
             hopfield: bool = True,
             feed_forward: bool = True,
+            gwl_write_drop: float = 0.,
+            gwl_write_norm_eps: float = 1e-6,
             self_attn: bool = True,
             ablation: Optional[str] = None,
             **kwargs,
@@ -135,9 +155,11 @@ class AssociativeTransformer(VisionTransformer):
                 GlobalWorkspaceLayer, num_slots=num_slots, slot_dim=slot_dim, gwl_heads=gwl_heads,
                 bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
                 memory_init=memory_init, memory_l2norm=memory_l2norm, beta=beta,
-                hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward)
+                hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward,
+                write_drop=gwl_write_drop, write_norm_eps=gwl_write_norm_eps)
         else:
             mlp_layer = kwargs.pop('mlp_layer', Mlp)
+        kwargs.setdefault('norm_layer', partial(LayerNorm, eps=1e-5))  # the authors' nn.LayerNorm default
         flatten = global_pool == 'flatten'
         if flatten:
             # the authors' head: no final LN(D), an LN over the flattened tokens instead
@@ -248,17 +270,51 @@ _AUTHORS_KEYS = (
 _AUTHORS_UNUSED = re.compile(r'^(to_patch_embedding_cnn\.|cls_token$|pos_embedding$|.*\.memoryupdate\.beta$)')
 
 
-def convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: AssociativeTransformer) -> Dict[str, torch.Tensor]:
-    """The authors' AiT state dict in this model's names.
+_AUTHORS_WRITE_PROJ = re.compile(r'^(transformer\.layers\.\d+\.1\.fn\.memoryupdate)\.mha\.fc\.weight$')
+_AUTHORS_SMOOTHING = re.compile(r'^transformer\.layers\.(\d+)\.1\.fn\.memoryupdate\.beta$')
 
+
+def _heads_concatenated(weight: torch.Tensor, prefix: str, state_dict: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Their write's output projection with its inputs in our head order.
+
+    Their MHA.py stacks the per-head outputs as (slots, heads, head_dim) and transposes them to
+    (slots, head_dim, heads) before ``fc``, so its input index is ``d * H + h``; ours concatenates
+    the heads, ``h * head_dim + d``. Their head size is the slot size m (d_k = d_v = memory_dim).
+    """
+    memory = state_dict.get(f'{prefix}.memory')
+    if memory is None:
+        raise ValueError(f'authors\' checkpoint: {prefix}.mha.fc.weight without {prefix}.memory')
+    head_dim = memory.shape[1]
+    if weight.ndim != 2 or weight.shape[1] % head_dim:
+        raise ValueError(f'authors\' checkpoint: {prefix}.mha.fc.weight has shape {tuple(weight.shape)}, '
+                         f'expected (m, heads * m) with slot size m = {head_dim}')
+    heads = weight.shape[1] // head_dim
+    return weight.reshape(weight.shape[0], head_dim, heads).transpose(1, 2).reshape(weight.shape)
+
+
+def convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: AssociativeTransformer) -> Dict[str, torch.Tensor]:
+    """The authors' AiT state dict in this model's names and layout.
+
+    Keys are renamed; the write's output projection gets its inputs in our head order (see
+    ``_heads_concatenated``); their EWMA factor, a buffer there, must equal the model's ``smoothing``.
     Their forward adds no position embedding, so a model with one gets zeros: the same function.
     Their memory rows are unit-normalised after each write; build the model with
-    ``memory_l2norm=True`` to keep training it their way (the read, and so eval, is the same either way).
+    ``memory_l2norm=True`` to keep training it their way (eval reads the stored memory either way).
     """
     out = {}
     for key, value in state_dict.items():
+        found = _AUTHORS_SMOOTHING.match(key)
+        if found:
+            layer = int(found.group(1))
+            memory = getattr(model.blocks[layer].mlp, 'memory', None) if layer < len(model.blocks) else None
+            if memory is not None and abs(float(value) - memory.smoothing) > 1e-6:
+                raise ValueError(f'{key} = {float(value):g}: the checkpoint was trained with EWMA smoothing '
+                                 f'{float(value):g}, the model has smoothing={memory.smoothing:g}')
         if _AUTHORS_UNUSED.match(key):
             continue
+        found = _AUTHORS_WRITE_PROJ.match(key)
+        if found:
+            value = _heads_concatenated(value, found.group(1), state_dict)
         for pattern, replacement in _AUTHORS_KEYS:
             new_key, found = re.subn(pattern, replacement, key)
             if found:
