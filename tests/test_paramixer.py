@@ -379,3 +379,156 @@ def test_bad_input_errors():
         HamMixer(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match='Expected a 32x32 image'):
         timm.create_model('hmixer_parallel_s4_32', num_blocks=1, embed_dim=16)(torch.randn(1, 3, 224, 224))
+
+
+# --- n_iter and lcoeff, the authors' *_ni2..4 and asymmixer_*_lXX models ---------------------------
+
+def _write_checkpoint(path, model, arch, **model_kwargs):
+    """A checkpoint as timm's CheckpointSaver writes it (theirs and ours): 'arch' is args.model."""
+    args = __import__('argparse').Namespace(model=arch, model_kwargs=model_kwargs, num_classes=model.num_classes)
+    torch.save({'epoch': 299, 'arch': arch, 'state_dict': model.state_dict(), 'version': 2, 'args': args}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('block_type', BLOCK_TYPES)
+def test_n_iter_applies_each_block_n_times_with_shared_weights(block_type):
+    once = _tiny(block_type, seed=3, drop_path_rate=0.3)
+    thrice = _tiny(block_type, seed=4, drop_path_rate=0.3, n_iter=3)
+    _randomize_norms(once)
+    thrice.load_state_dict(once.state_dict())  # the same keys and shapes: n_iter adds no weights
+    assert _numel(thrice) == _numel(once)
+    x = torch.randn(2, 3, 16, 16)
+    once.eval()
+    with torch.no_grad():
+        expected = once.stem(x)
+        for block in once.blocks:
+            for _ in range(3):
+                expected = block(expected)
+        torch.testing.assert_close(thrice.eval().forward_features(x), once.norm(expected))
+    # training: every application draws its own drop_path masks, as in the authors' loop
+    once.train(), thrice.train()
+    h = torch.randn(2, 16, 32)
+    torch.manual_seed(5)
+    expected = once.blocks[0](once.blocks[0](once.blocks[0](h)))
+    torch.manual_seed(5)
+    torch.testing.assert_close(thrice.blocks[0](h), expected)
+
+
+def test_authors_entry_points_are_reached():
+    from timm_ait.models.paramixer import AUTHORS_MODELS
+    # every function of their models/mixers.py, with the settings it passes
+    assert len(AUTHORS_MODELS) == 36
+    expected_lcoeff = {'l00': 0., 'l01': 0.1, 'l02': 1e-2, 'l03': 1e-3, 'l035': 5e-4, 'l04': 1e-4, 'l05': 1e-5,
+                       'l06': 1e-6, 'l10': 1.0}
+    block_of = dict(vanillamixer='serial', paramixer='parallel', symmixer='symmetric', asymmixer='symbreak')
+    for theirs, (name, kwargs) in AUTHORS_MODELS.items():
+        prefix, size, _, *suffix = theirs.split('_')
+        with torch.device('meta'):
+            model = timm.create_model(name, **kwargs)
+        assert model.block_type == block_of[prefix], theirs
+        width, depth, patch = dict(s=(512, 8), b=(768, 12), l=(1024, 24))[size[0]] + (int(size[1:]),)
+        assert (model.embed_dim, len(model.blocks), model.stem.patch_size[0]) == (width, depth, patch), theirs
+        n_iter = int(suffix[0][2:]) if suffix and suffix[0].startswith('ni') else 1
+        assert model.n_iter == n_iter and all(b.n_iter == n_iter for b in model.blocks), theirs
+        assert model.lcoeff == (expected_lcoeff[suffix[0]] if prefix == 'asymmixer' else 0.), theirs
+
+
+def test_their_ni2_checkpoint_builds_the_n_iter_2_model_or_is_refused(tmp_path):
+    kwargs = dict(img_size=32, num_blocks=2, embed_dim=32, num_classes=10)  # paramixer_s16_224 layout, small
+    source = timm.create_model('hmixer_parallel_s16_224', n_iter=2, **kwargs)
+    path = _write_checkpoint(tmp_path / 'model_best.pth.tar', source, 'paramixer_s16_224_ni2')
+    overlay = dict(file=path)
+    with pytest.raises(ValueError, match=r"trained as 'paramixer_s16_224_ni2'.*n_iter=2 times; this model has n_iter=1"):
+        timm.create_model('hmixer_parallel_s16_224', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    with pytest.raises(ValueError, match=r"block_type='parallel'; this model has block_type='symbreak'"):
+        timm.create_model('hmixer_symbreak_s16_224', pretrained=True, pretrained_cfg_overlay=overlay, n_iter=2,
+                          **kwargs)
+    model = timm.create_model('hmixer_parallel_s16_224', pretrained=True, pretrained_cfg_overlay=overlay, n_iter=2,
+                              **kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), source.eval()(x))
+    # the scripts' path (validate.py, train.py --initial-checkpoint / --resume) asks the model the same
+    from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint
+    one = timm.create_model('hmixer_parallel_s16_224', **kwargs)
+    with pytest.raises(ValueError, match='n_iter=2'):
+        check_checkpoint_arch(load_training_checkpoint(path), one)
+    check_checkpoint_arch(load_training_checkpoint(path), model)
+
+
+def test_our_checkpoint_with_n_iter_in_its_model_kwargs_is_checked(tmp_path):
+    source = _tiny('symbreak', n_iter=3)
+    path = _write_checkpoint(tmp_path / 'last.pth.tar', source, 'hmixer_symbreak_s4_32', n_iter=3)
+    from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint
+    with pytest.raises(ValueError, match=r"trained as 'hmixer_symbreak_s4_32', each block applied n_iter=3"):
+        check_checkpoint_arch(load_training_checkpoint(path), _tiny('symbreak'))
+    check_checkpoint_arch(load_training_checkpoint(path), _tiny('symbreak', n_iter=3))
+    check_checkpoint_arch({'state_dict': source.state_dict()}, _tiny('symbreak'))  # a bare state dict says nothing
+
+
+@pytest.mark.parametrize('block_type', BLOCK_TYPES)
+def test_lcoeff_penalty_is_their_reg_weight2_and_reaches_only_w2(block_type):
+    from timm_ait.task import AiTClassificationTask
+    model = _tiny(block_type, lcoeff=0.1)
+    _random_head(model)
+    # their util/utils.py reg_weight2: lcoeff * sum over blocks of ||mlp_tokens.fc2||^2 + ||mlp_channels.fc2||^2,
+    # fc2 being the matrix their symmetric MLP also names fc2 (our tied fc1)
+    w2 = 'fc1' if block_type == 'symmetric' else 'fc2'
+    expected = 0.1 * sum(getattr(blk, mlp).__getattr__(w2).weight.detach().pow(2).sum()
+                         for blk in model.blocks for mlp in ('mlp_tokens', 'mlp_channels'))
+    task = AiTClassificationTask(model, verbose=False).train()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    result = task(x, y)
+    torch.testing.assert_close(result['aux_loss'], expected)
+    torch.testing.assert_close(result['loss'], result['task_loss'] + expected)
+    model.zero_grad()
+    model.aux_loss().backward()
+    for name, p in model.named_parameters():
+        if name.endswith(f'.{w2}.weight'):
+            torch.testing.assert_close(p.grad, 2 * 0.1 * p.detach())
+        else:
+            assert p.grad is None, name
+    assert task.eval()(x, y)['aux_loss'] == 0  # a training loss only, as theirs
+    assert _tiny(block_type).aux_loss() is None  # lcoeff 0
+
+
+def test_n_iter_and_lcoeff_errors():
+    with pytest.raises(ValueError, match=r'n_iter .* must be an int >= 1, got 0'):
+        _tiny(n_iter=0)
+    with pytest.raises(ValueError, match=r'lcoeff .* must be >= 0, got -0.1'):
+        _tiny(lcoeff=-0.1)
+
+
+def _run_script(name, *args):
+    import os, subprocess, sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(repo, 'train_scripts', name), *map(str, args)],
+                          capture_output=True, text=True, cwd=repo, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_train_logs_the_lcoeff_penalty_to_summary_csv(tmp_path):
+    small = ['patch_size=16', 'embed_dim=32', 'num_blocks=2', 'lcoeff=0.1']
+    proc = _run_script('train.py', '--model', 'hmixer_symbreak_s4_32', '--dataset', 'triangle', '--num-classes', 2,
+                       '--img-size', 64, '--train-num-samples', 32, '--val-num-samples', 16, '-b', 16, '--workers', 0,
+                       '--epochs', 1, '--warmup-epochs', 0, '--lr', 1e-5, '--data-dir', tmp_path / 'data',
+                       '--output', tmp_path, '--experiment', 'run', '--model-kwargs', *small)
+    assert proc.returncode == 0, proc.stderr
+    assert ' aux ' in proc.stderr + proc.stdout  # the per-interval log line
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        row = next(__import__('csv').DictReader(f))
+    from timm_ait.engine import load_training_checkpoint, model_state_dict
+    model = timm.create_model('hmixer_symbreak_s4_32', num_classes=2, img_size=64, patch_size=16, embed_dim=32,
+                              num_blocks=2, lcoeff=0.1)
+    model.load_state_dict(model_state_dict(load_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))))
+    # the epoch's mean over two steps of lr 1e-5, against the penalty of the final weights
+    assert float(row['train_aux_loss']) == pytest.approx(model.aux_loss().item(), rel=1e-3)
+
+
+def test_validate_refuses_their_ni2_checkpoint_for_a_one_iteration_model(tmp_path):
+    size = dict(img_size=32, num_blocks=2, embed_dim=32)
+    source = timm.create_model('hmixer_parallel_s16_224', n_iter=2, num_classes=10, **size)
+    path = _write_checkpoint(tmp_path / 'model_best.pth.tar', source, 'paramixer_s16_224_ni2', **size)
+    proc = _run_script('validate.py', '--model', 'hmixer_parallel_s16_224', '--checkpoint', path, '--dataset', 'triangle',
+                       '--data-dir', tmp_path / 'data', '--num-samples', 8, '-j', 0)
+    assert proc.returncode == 2, proc.stderr
+    assert "trained as 'paramixer_s16_224_ni2' (hmixer_parallel_s16_224 with {'n_iter': 2})" in proc.stderr
+    assert 'create the model with n_iter=2' in proc.stderr

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ['to_device', 'amp_context', 'evaluate', 'check_state_dict', 'load_training_checkpoint', 'model_state_dict',
-           'state_digest']
+           'state_digest', 'check_checkpoint_arch']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -126,3 +126,11 @@ def state_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def check_checkpoint_arch(checkpoint: Dict[str, Any], model: nn.Module, what: str = 'checkpoint') -> None:
+    """Let ``model`` refuse a training checkpoint whose weights fit but whose training settings (its
+    ``arch`` and ``args``) name another function, e.g. an hmixer trained with another ``n_iter``."""
+    check = getattr(model, 'check_checkpoint_arch', None)
+    if check is not None:
+        check(checkpoint, what)

@@ -1,4 +1,5 @@
-"""timm training task for AiT: cross-entropy plus the bottleneck attention balance loss."""
+"""timm training task for AiT: cross-entropy plus the bottleneck attention balance loss, plus any
+model's own ``aux_loss()`` (the hmixer ``lcoeff`` penalty)."""
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -7,17 +8,27 @@ from timm.task import ClassificationTask
 
 from .layers import balance_loss
 
-__all__ = ['AiTClassificationTask', 'DEFAULT_BALANCE_LOSS_COEF']
+__all__ = ['AiTClassificationTask', 'DEFAULT_BALANCE_LOSS_COEF', 'aux_loss']
 
 DEFAULT_BALANCE_LOSS_COEF = 1e-2  # lambda of the paper
 
 
+def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """Sum of ``aux_loss()`` over the modules of ``model`` (wrappers included) that define one: loss
+    terms a model adds to its training loss, already weighted, e.g. ``HamMixer``'s ``lcoeff`` penalty.
+    None when no module has one to add."""
+    losses = [m.aux_loss() for m in model.modules() if callable(getattr(m, 'aux_loss', None))]
+    losses = [loss for loss in losses if loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
 class AiTClassificationTask(ClassificationTask):
-    """``loss = criterion(model(x), y) + coef * balance_loss``, the balance loss summed over heads and
-    layers of the last training forward. For models without a GWL this is timm's ClassificationTask.
+    """``loss = criterion(model(x), y) + coef * balance_loss + aux_loss``, the balance loss summed over
+    heads and layers of the last training forward, ``aux_loss`` that of :func:`aux_loss` (training only,
+    as the authors of the hmixer penalty add it). For models with neither this is timm's ClassificationTask.
 
     The input may be a tensor or a tuple of tensors (e.g. images and questions), passed to the model
-    as positional arguments. The result holds 'loss', 'output', 'task_loss' and 'balance_loss'.
+    as positional arguments. The result holds 'loss', 'output', 'task_loss', 'balance_loss' and 'aux_loss'.
     """
 
     def __init__(
@@ -41,9 +52,13 @@ class AiTClassificationTask(ClassificationTask):
         balance = balance_loss(self.trainable_module) if self.training else None
         if balance is None:
             balance = task_loss.new_zeros(())
+        aux = aux_loss(self.trainable_module) if self.training else None
+        if aux is None:
+            aux = task_loss.new_zeros(())
         return {
-            'loss': task_loss + self.balance_loss_coef * balance,
+            'loss': task_loss + self.balance_loss_coef * balance + aux,
             'output': output,
             'task_loss': task_loss,
             'balance_loss': balance.detach(),
+            'aux_loss': aux.detach(),
         }

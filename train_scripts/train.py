@@ -38,6 +38,7 @@ from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_datase
 from timm_ait.engine import (
     amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict, state_digest, to_device,
 )
+from timm_ait.engine import check_checkpoint_arch
 from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF, AiTClassificationTask
 
 _logger = logging.getLogger('train')
@@ -194,8 +195,10 @@ def create_task_model(args, device):
         kwargs['img_size'] = args.img_size
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.initial_checkpoint:
-        state_dict = model_state_dict(load_training_checkpoint(args.initial_checkpoint))
+        checkpoint = load_training_checkpoint(args.initial_checkpoint)
+        state_dict = model_state_dict(checkpoint)
         check_state_dict(state_dict, model, f'--initial-checkpoint {args.initial_checkpoint!r}')
+        check_checkpoint_arch(checkpoint, model, f'--initial-checkpoint {args.initial_checkpoint!r}')
         model.load_state_dict(state_dict)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -255,7 +258,7 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
-    meters = {k: AverageMeter() for k in ('loss', 'task_loss', 'balance_loss')}
+    meters = {k: AverageMeter() for k in ('loss', 'task_loss', 'balance_loss', 'aux_loss')}
     batch_time = AverageMeter()
     end = time.time()
     optimizer.zero_grad()
@@ -300,7 +303,7 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
             _logger.info(
                 f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
                 f'loss {meters["loss"].val:.4f} ({meters["loss"].avg:.4f})  '
-                f'balance {meters["balance_loss"].val:.4f}  lr {lr:.3e}  '
+                f'balance {meters["balance_loss"].val:.4f}  aux {meters["aux_loss"].val:.4g}  lr {lr:.3e}  '
                 f'{n * args.world_size / batch_time.val:.1f} img/s')
     return OrderedDict((k, m.avg) for k, m in meters.items())
 
@@ -319,6 +322,7 @@ def main(argv=None):
     random_seed(args.seed, args.rank)
     if resume_state is not None:  # fail on a mismatched resume file before any work is done
         check_state_dict(model_state_dict(resume_state), model, f'--resume {args.resume!r}')
+        check_checkpoint_arch(resume_state, model, f'--resume {args.resume!r}')
     if is_primary(args):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
     train_loader, val_loader, mixup_fn, relational = build_loaders(args, model, device)

@@ -23,6 +23,7 @@ from timm.utils import ParseKwargs, setup_default_logging
 import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
 from timm_ait.engine import amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict
+from timm_ait.engine import check_checkpoint_arch
 
 _logger = logging.getLogger('validate')
 
@@ -74,6 +75,7 @@ def load_model(args) -> torch.nn.Module:
     if checkpoint is not None:
         state_dict = model_state_dict(checkpoint, use_ema=args.use_ema)
         check_state_dict(state_dict, model, f'checkpoint {args.checkpoint!r}')
+        check_checkpoint_arch(checkpoint, model, f'checkpoint {args.checkpoint!r}')
         model.load_state_dict(state_dict)
     return model
 

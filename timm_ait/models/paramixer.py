@@ -13,13 +13,21 @@ Four block types share one model class:
     symmetric:  parallel with every MLP W1^T act(W1 z)        (the Hopfield energy's weights)
     symbreak:   parallel with every MLP W1^T act(W1 z) + W2 act(W1 z)
 
+``n_iter`` applies each block n times with shared weights (n updates of the same Hopfield layer),
+and ``lcoeff`` is the weight of an L2 penalty on the W2 matrices (``aux_loss()``, added to the
+training loss by ``timm_ait.task.AiTClassificationTask``), as in the authors' code; see
+``AUTHORS_MODELS`` for how each of their entry points is reached.
+
 MLP biases are off by default, as in the authors' code and in the energy picture; with
 ``mlp_bias=True`` an MLP has a hidden bias b1 and one output bias b2 (a threshold on the visible
 neurons, which keeps the energy picture and the W1 / W1^T tie intact).
 
 Built on timm's MLP-Mixer (PatchEmbed stem, `_init_weights`, feature API).
 """
+import argparse
 import math
+import os
+import re
 from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -28,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, to_2tuple
-from timm.models._builder import build_model_with_cfg
+from timm.models._builder import _resolve_pretrained_source, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
@@ -39,6 +47,7 @@ from ..hub import explain_download_errors, hf_hub_id
 
 __all__ = [
     'HamMixer', 'SerialMixerBlock', 'ParallelMixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
+    'AUTHORS_MODELS', 'check_trained_as',
 ]  # register_model adds each entrypoint fn to this
 
 
@@ -104,10 +113,16 @@ class SymmetryBreakingMlp(SymmetricMlp):
         return self.drop2(F.linear(h, self.fc1.weight.t(), self.bias_out) + self.fc2(h))
 
 
+def _check_n_iter(n_iter: int) -> int:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f'n_iter (how many times each block is applied) must be an int >= 1, got {n_iter!r}.')
+    return n_iter
+
+
 class SerialMixerBlock(nn.Module):
     """ Vanilla (serial) Mixer block, with each LayerNorm over the whole (tokens, channels) map as in the paper.
 
-    x <- x + T(LN1(x)); x <- x + C(LN2(x))
+    x <- x + T(LN1(x)); x <- x + C(LN2(x)), the pair applied n_iter times with the same weights.
     """
     def __init__(
             self,
@@ -120,11 +135,13 @@ class SerialMixerBlock(nn.Module):
             act_layer: Type[nn.Module] = nn.GELU,
             drop: float = 0.,
             drop_path: float = 0.,
+            n_iter: int = 1,
             device=None,
             dtype=None,
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.n_iter = _check_n_iter(n_iter)
         tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
         self.norm1 = norm_layer((seq_len, dim), **dd)
         self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
@@ -133,15 +150,17 @@ class SerialMixerBlock(nn.Module):
         self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
-        x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        for _ in range(self.n_iter):
+            x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+            x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x
 
 
 class ParallelMixerBlock(nn.Module):
     """ Parallelized Mixer block: one hierarchical-Hopfield update.
 
-    x <- x + T(LN(x)) + C(LN(x)), both MLPs reading the same LayerNorm over the whole (tokens, channels) map.
+    x <- x + T(LN(x)) + C(LN(x)), both MLPs reading the same LayerNorm over the whole (tokens, channels) map,
+    applied n_iter times with the same weights (n_iter updates of one Hopfield layer).
     """
     def __init__(
             self,
@@ -154,11 +173,13 @@ class ParallelMixerBlock(nn.Module):
             act_layer: Type[nn.Module] = nn.GELU,
             drop: float = 0.,
             drop_path: float = 0.,
+            n_iter: int = 1,
             device=None,
             dtype=None,
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.n_iter = _check_n_iter(n_iter)
         tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
         self.norm = norm_layer((seq_len, dim), **dd)
         self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
@@ -166,11 +187,12 @@ class ParallelMixerBlock(nn.Module):
         self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(x)
-        # one drop_path per branch, as the serial block and the authors' code do, so that the
-        # variants differ only in wiring, not in how stochastic depth regularises them
-        x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
-        x = x + self.drop_path(self.mlp_channels(z))
+        for _ in range(self.n_iter):
+            z = self.norm(x)
+            # one drop_path per branch, as the serial block and the authors' code do, so that the
+            # variants differ only in wiring, not in how stochastic depth regularises them
+            x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
+            x = x + self.drop_path(self.mlp_channels(z))
         return x
 
 
@@ -207,6 +229,8 @@ class HamMixer(nn.Module):
             drop_path_rate: float = 0.,
             nlhb: bool = False,
             global_pool: str = 'avg',
+            n_iter: int = 1,
+            lcoeff: float = 0.,
             device=None,
             dtype=None,
     ) -> None:
@@ -228,6 +252,12 @@ class HamMixer(nn.Module):
             drop_path_rate: Drop path rate, the same in every block as in timm's Mixer and the authors' code.
             nlhb: Use negative log bias initialization for the head.
             global_pool: Global pooling type ('avg' or '').
+            n_iter: Times each block is applied, with its weights shared (the authors' ``*_ni2..4`` models).
+                The state dict is the same for every n_iter; only the function differs.
+            lcoeff: Weight of the L2 penalty ``lcoeff * sum ||W2||^2`` over every block's token and channel
+                MLP (the authors' ``reg_weight2``, their ``asymmixer_*_lXX`` models), returned by
+                ``aux_loss()`` for the training loss. W2 is the hidden-to-visible matrix their code names
+                fc2: ``fc2.weight`` here, and for ``symmetric`` the tied ``fc1.weight`` (W2 = W1^T).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -238,8 +268,13 @@ class HamMixer(nn.Module):
             raise ValueError(f'img_size {img_size} is not divisible by patch_size {patch_size}.')
         if global_pool not in ('', 'avg'):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
+        _check_n_iter(n_iter)
+        if not lcoeff >= 0:
+            raise ValueError(f'lcoeff (the weight of the L2 penalty on W2) must be >= 0, got {lcoeff!r}.')
         block_layer, mlp_layer = _BLOCK_TYPES[block_type]
         self.block_type = block_type
+        self.n_iter = n_iter
+        self.lcoeff = lcoeff
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -258,6 +293,7 @@ class HamMixer(nn.Module):
                 act_layer=act_layer,
                 drop=proj_drop_rate,
                 drop_path=drop_path_rate,
+                n_iter=n_iter,
                 **dd,
             )
             for _ in range(num_blocks)])
@@ -278,6 +314,25 @@ class HamMixer(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         # the blocks' LayerNorm gains are 2-D (N, D), so timm's 1-D rule would decay them
         return {n for n, p in self.blocks.named_parameters(prefix='blocks') if '.norm' in n}
+
+    @torch.jit.ignore
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """``lcoeff * sum ||W2||^2`` over every block's token and channel MLP, None when lcoeff is 0.
+
+        The training task adds it to the loss (the authors' train.py adds their ``reg_weight2`` to the
+        training loss only); its gradient reaches the W2 matrices alone.
+        """
+        if not self.lcoeff:
+            return None
+        attr = 'fc1' if self.block_type == 'symmetric' else 'fc2'
+        squares = [getattr(mlp, attr).weight.square().sum()
+                   for block in self.blocks for mlp in (block.mlp_tokens, block.mlp_channels)]
+        return self.lcoeff * torch.stack(squares).sum()
+
+    @torch.jit.ignore
+    def check_checkpoint_arch(self, checkpoint: Dict[str, Any], what: str = 'checkpoint') -> None:
+        """Refuse a training checkpoint whose ``arch`` / ``args`` say another block type or n_iter."""
+        check_trained_as(checkpoint, self.block_type, self.n_iter, what)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -413,8 +468,90 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HamMixer) -
     return {k.replace('.fc2.', '.fc1.'): v for k, v in state_dict.items()}
 
 
+def _authors_models() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """Every entry point of the authors' models/mixers.py: (our model name, kwargs)."""
+    block_types = dict(vanillamixer='serial', paramixer='parallel', symmixer='symmetric')
+    models = {}
+    for prefix, block_type in block_types.items():
+        for size in ('s32', 's16', 'b32', 'b16'):
+            models[f'{prefix}_{size}_224'] = (f'hmixer_{block_type}_{size}_224', {})
+        for n in (2, 3, 4):
+            models[f'{prefix}_s16_224_ni{n}'] = (f'hmixer_{block_type}_s16_224', dict(n_iter=n))
+        for patch in (32, 16):  # their L sizes: the B layout with 24 blocks of width 1024
+            models[f'{prefix}_l{patch}_224'] = (
+                f'hmixer_{block_type}_b{patch}_224', dict(num_blocks=24, embed_dim=1024))
+    for suffix, lcoeff in (('l00', 0.), ('l01', 0.1), ('l02', 1e-2), ('l03', 1e-3), ('l035', 5e-4),
+                           ('l04', 1e-4), ('l05', 1e-5), ('l06', 1e-6), ('l10', 1.0)):
+        models[f'asymmixer_s16_224_{suffix}'] = ('hmixer_symbreak_s16_224', dict(lcoeff=lcoeff))
+    return models
+
+
+# The authors' entry point -> (model name, kwargs) that builds the same model here, e.g.
+# 'paramixer_s16_224_ni2' -> ('hmixer_parallel_s16_224', {'n_iter': 2}),
+# 'asymmixer_s16_224_l01' -> ('hmixer_symbreak_s16_224', {'lcoeff': 0.1}).
+AUTHORS_MODELS = _authors_models()
+
+
+def _trained_as(checkpoint: Dict[str, Any]) -> Optional[Tuple[str, int]]:
+    """(block_type, n_iter) of a training checkpoint from its ``arch`` (the model name timm's
+    CheckpointSaver saves, theirs or ours) and ``args.model_kwargs``; None when it does not say."""
+    arch = checkpoint.get('arch')
+    if not isinstance(arch, str):
+        return None
+    args = checkpoint.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
+    name, kwargs = AUTHORS_MODELS.get(arch, (arch, {}))
+    found = re.match(r'hmixer_(serial|parallel|symmetric|symbreak)_', name)
+    if not found:
+        return None
+    kwargs = {**kwargs, **(args.get('model_kwargs') or {})}
+    return found.group(1), kwargs.get('n_iter', 1)
+
+
+def check_trained_as(checkpoint: Dict[str, Any], block_type: str, n_iter: int, what: str = 'checkpoint') -> None:
+    """Raise a ValueError if a training checkpoint was trained with another n_iter or block type.
+
+    n_iter shares the weights, so a checkpoint of any n_iter has the same keys and shapes and would
+    load silently into a model that computes another function; parallel and symbreak have the same
+    keys too. Only the checkpoint's ``arch`` and ``args`` tell them apart.
+    """
+    trained = _trained_as(checkpoint)
+    if trained is None:
+        return
+    arch = checkpoint['arch']
+    if trained[1] != n_iter:
+        hint = f' ({AUTHORS_MODELS[arch][0]} with {AUTHORS_MODELS[arch][1]})' if arch in AUTHORS_MODELS else ''
+        raise ValueError(
+            f'{what} was trained as {arch!r}{hint}, each block applied n_iter={trained[1]} times; this model has '
+            f'n_iter={n_iter}. The weights fit either way, so create the model with n_iter={trained[1]}.')
+    if trained[0] != block_type:
+        raise ValueError(f"{what} was trained as {arch!r}, block_type={trained[0]!r}; this model has "
+                         f"block_type={block_type!r}.")
+
+
+def _checkpoint_meta(path: str) -> Dict[str, Any]:
+    """``arch`` and ``args`` of a training checkpoint file, its tensors left on disk; {} if it has none."""
+    if str(path).endswith('.safetensors') or not os.path.isfile(path):
+        return {}
+    for mmap in (True, False):  # mmap reads no tensor data, but only from zip-format files
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except Exception:
+            continue  # timm's own load of the file reports what is wrong with it
+        return {k: checkpoint[k] for k in ('arch', 'args') if k in checkpoint} if isinstance(checkpoint, dict) else {}
+    return {}
+
+
 def _create_hmixer(variant: str, pretrained: bool = False, **kwargs) -> HamMixer:
     out_indices = kwargs.pop('out_indices', 3)
+    if pretrained:
+        # a checkpoint file trained with another n_iter fits this model's keys: refuse it before any work
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        load_from, location = _resolve_pretrained_source(cfg.to_dict())
+        if load_from == 'file':
+            check_trained_as(_checkpoint_meta(location), kwargs.get('block_type', 'parallel'),
+                             kwargs.get('n_iter', 1), f'pretrained file {location!r}')
     with explain_download_errors(variant, kwargs):
         model = build_model_with_cfg(
             HamMixer,
