@@ -364,6 +364,8 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
     ('hmixer_symbreak_s4_32', dict(embed_dim=32, num_blocks=2), 'torch/cifar10',
      ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)'],
      ['Global Workspace', 'Associative Transformer (AiT)']),
+    ('hmixer_parallel_s4_32', dict(embed_dim=32, num_blocks=2, n_iter=2, lcoeff=1e-3), 'torch/cifar10',
+     ['Block iterations:** each block applied 2 times', '`lcoeff=0.001`'], ['Global Workspace']),
     ('ait_small_patch4_32', dict(gwl=False, embed_dim=32, num_heads=2, num_classes=100), 'torch/cifar100',
      ['ViT twin', 'Global Workspace Layer:** none'], ['Memory slots', 'Hopfield beta']),
 ])
@@ -379,3 +381,5 @@ def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, pres
     for text in absent:
         assert text not in card, text
     assert yaml.safe_load(card.split('---')[1])['pipeline_tag'] == 'image-classification'
+    # the Hub config rebuilds what the weights alone cannot tell (n_iter shares the weights)
+    assert getattr(timm.create_model(f'local-dir:{out}', pretrained=True), 'n_iter', 1) == kwargs.get('n_iter', 1)

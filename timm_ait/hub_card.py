@@ -139,6 +139,11 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
         description = _MIXER.format(block_type=block_type, task=task, dataset=dataset_title,
                                     block_text=_MIXER_BLOCKS[block_type])
         details = [f'- **Mixer block:** `{block_type}`']
+        if getattr(model, 'n_iter', 1) > 1:
+            details.append(f'- **Block iterations:** each block applied {model.n_iter} times, weights shared '
+                           f'(`n_iter={model.n_iter}`)')
+        if getattr(model, 'lcoeff', 0):
+            details.append(f'- **W2 penalty in training:** `lcoeff={model.lcoeff:g}`')
     elif settings := gwl_settings(model):
         description = _AIT.format(task=task, dataset=dataset_title)
         details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in settings]
