@@ -1,5 +1,10 @@
 """Tests for the parallelized MLP-Mixer family (timm_ait.models.paramixer)."""
+import argparse
+import csv
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,10 +15,13 @@ from timm.models import get_pretrained_cfg, group_parameters
 from timm.optim import create_optimizer_v2
 
 import timm_ait  # noqa: F401  (registers the models)
+from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint, model_state_dict
 from timm_ait.hub import HF_HUB_ORG, hf_hub_id
 from timm_ait.models.paramixer import (
-    HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp, checkpoint_filter_fn,
+    AUTHORS_MODELS, HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp,
+    checkpoint_filter_fn,
 )
+from timm_ait.task import AiTClassificationTask
 
 BLOCK_TYPES = ('serial', 'parallel', 'symmetric', 'symbreak')
 # size tag -> (embed_dim, num_blocks, patch_size, img_size)
@@ -385,7 +393,7 @@ def test_bad_input_errors():
 
 def _write_checkpoint(path, model, arch, **model_kwargs):
     """A checkpoint as timm's CheckpointSaver writes it (theirs and ours): 'arch' is args.model."""
-    args = __import__('argparse').Namespace(model=arch, model_kwargs=model_kwargs, num_classes=model.num_classes)
+    args = argparse.Namespace(model=arch, model_kwargs=model_kwargs, num_classes=model.num_classes)
     torch.save({'epoch': 299, 'arch': arch, 'state_dict': model.state_dict(), 'version': 2, 'args': args}, path)
     return str(path)
 
@@ -415,7 +423,6 @@ def test_n_iter_applies_each_block_n_times_with_shared_weights(block_type):
 
 
 def test_authors_entry_points_are_reached():
-    from timm_ait.models.paramixer import AUTHORS_MODELS
     # every function of their models/mixers.py, with the settings it passes
     assert len(AUTHORS_MODELS) == 36
     expected_lcoeff = {'l00': 0., 'l01': 0.1, 'l02': 1e-2, 'l03': 1e-3, 'l035': 5e-4, 'l04': 1e-4, 'l05': 1e-5,
@@ -448,7 +455,6 @@ def test_their_ni2_checkpoint_builds_the_n_iter_2_model_or_is_refused(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), source.eval()(x))
     # the scripts' path (validate.py, train.py --initial-checkpoint / --resume) asks the model the same
-    from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint
     one = timm.create_model('hmixer_parallel_s16_224', **kwargs)
     with pytest.raises(ValueError, match='n_iter=2'):
         check_checkpoint_arch(load_training_checkpoint(path), one)
@@ -458,7 +464,6 @@ def test_their_ni2_checkpoint_builds_the_n_iter_2_model_or_is_refused(tmp_path):
 def test_our_checkpoint_with_n_iter_in_its_model_kwargs_is_checked(tmp_path):
     source = _tiny('symbreak', n_iter=3)
     path = _write_checkpoint(tmp_path / 'last.pth.tar', source, 'hmixer_symbreak_s4_32', n_iter=3)
-    from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint
     with pytest.raises(ValueError, match=r"trained as 'hmixer_symbreak_s4_32', each block applied n_iter=3"):
         check_checkpoint_arch(load_training_checkpoint(path), _tiny('symbreak'))
     check_checkpoint_arch(load_training_checkpoint(path), _tiny('symbreak', n_iter=3))
@@ -467,13 +472,12 @@ def test_our_checkpoint_with_n_iter_in_its_model_kwargs_is_checked(tmp_path):
 
 @pytest.mark.parametrize('block_type', BLOCK_TYPES)
 def test_lcoeff_penalty_is_their_reg_weight2_and_reaches_only_w2(block_type):
-    from timm_ait.task import AiTClassificationTask
     model = _tiny(block_type, lcoeff=0.1)
     _random_head(model)
     # their util/utils.py reg_weight2: lcoeff * sum over blocks of ||mlp_tokens.fc2||^2 + ||mlp_channels.fc2||^2,
     # fc2 being the matrix their symmetric MLP also names fc2 (our tied fc1)
     w2 = 'fc1' if block_type == 'symmetric' else 'fc2'
-    expected = 0.1 * sum(getattr(blk, mlp).__getattr__(w2).weight.detach().pow(2).sum()
+    expected = 0.1 * sum(getattr(getattr(blk, mlp), w2).weight.detach().pow(2).sum()
                          for blk in model.blocks for mlp in ('mlp_tokens', 'mlp_channels'))
     task = AiTClassificationTask(model, verbose=False).train()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
@@ -499,7 +503,6 @@ def test_n_iter_and_lcoeff_errors():
 
 
 def _run_script(name, *args):
-    import os, subprocess, sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, os.path.join(repo, 'train_scripts', name), *map(str, args)],
                           capture_output=True, text=True, cwd=repo, env={**os.environ, 'OMP_NUM_THREADS': '1'})
@@ -514,8 +517,7 @@ def test_train_logs_the_lcoeff_penalty_to_summary_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert ' aux ' in proc.stderr + proc.stdout  # the per-interval log line
     with open(tmp_path / 'run' / 'summary.csv') as f:
-        row = next(__import__('csv').DictReader(f))
-    from timm_ait.engine import load_training_checkpoint, model_state_dict
+        row = next(csv.DictReader(f))
     model = timm.create_model('hmixer_symbreak_s4_32', num_classes=2, img_size=64, patch_size=16, embed_dim=32,
                               num_blocks=2, lcoeff=0.1)
     model.load_state_dict(model_state_dict(load_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))))
