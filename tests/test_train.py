@@ -273,8 +273,8 @@ def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_checkpoints(t
     run_dir = copy_run(root / 'run', tmp_path / 'run')
     before = {f.name: f.read_bytes() for f in run_dir.iterdir()}
     # a learning rate that makes the next epoch diverge (a fresh optimizer may take new settings)
-    proc = run(TRAIN, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '4', '--no-resume-opt', '--opt', 'sgd',
-               '--lr', '1e5', '--data-dir', data, '--workers', '0', check=False)
+    proc = run(TRAIN, *TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '4', '--no-resume-opt',
+               '--opt', 'sgd', '--lr', '1e5', '--data-dir', data, check=False)
     assert proc.returncode == 1, proc.stderr
     assert re.search(r'error: the training loss is (nan|inf) at epoch 2, batch \d+/6', proc.stderr), proc.stderr
     assert 'Traceback' not in proc.stderr
@@ -311,7 +311,7 @@ def test_resume_after_a_kill_between_summary_and_checkpoint_records_each_epoch_o
     rows = read_summary(run_dir / 'summary.csv')
     with open(run_dir / 'summary.csv', 'a', newline='') as f:  # epoch 2's row, written before its checkpoint
         csv.DictWriter(f, fieldnames=list(rows[0])).writerow({**rows[-1], 'epoch': '2'})
-    run(TRAIN, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--data-dir', data, '--workers', '0')
+    run(TRAIN, *TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--data-dir', data)
     assert [r['epoch'] for r in read_summary(run_dir / 'summary.csv')] == ['0', '1', '2']
     assert [r['eval_top1'] for r in read_summary(run_dir / 'summary.csv')[:2]] == [r['eval_top1'] for r in rows]
     from timm_ait.hub_card import read_summary as card_summary
@@ -347,12 +347,13 @@ def test_a_finished_run_folder_is_never_rewritten_by_a_resume(trained):
     train = script('train')
     # an older checkpoint, resumed into its own folder, would overwrite the later ones
     with pytest.raises(FileExistsError, match='is epoch 0, but .* holds checkpoints up to epoch 1'):
-        train.main(['--resume', str(run_dir / 'checkpoint-0.pth.tar'), '--data-dir', data, '--workers', '0'])
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'checkpoint-0.pth.tar'), '--epochs', '2', '--data-dir', data])
     # a setting the resumed optimizer state would silently override is refused, not recorded
     with pytest.raises(ValueError, match=r'optimizer setting lr: .*--lr 0.001.*--lr 0.05.*--no-resume-opt'):
-        train.main(['--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--lr', '0.05', '--data-dir', data])
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--lr', '0.05',
+                    '--data-dir', data])
     with pytest.raises(ValueError, match='has finished epoch 1 of --epochs 2: nothing is left to train'):
-        train.main(['--resume', str(run_dir / 'last.pth.tar'), '--data-dir', data])
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '2', '--data-dir', data])
     assert {f.name: f.read_bytes() for f in run_dir.iterdir()} == before
 
 
@@ -379,17 +380,18 @@ def test_a_damaged_checkpoint_is_refused_everywhere(trained, tmp_path):
         torch.load(damaged, weights_only=True)  # torch itself notices nothing
     message = re.escape(f"checkpoint '{damaged}' is damaged: its contents do not match the digest it was saved with")
     with pytest.raises(ValueError, match=message):
-        script('train').main(['--resume', str(damaged), '--epochs', '3', '--data-dir', data, '--output', str(tmp_path),
-                              '--experiment', 'r'])
+        script('train').main([*TRIANGLE, '--resume', str(damaged), '--epochs', '3', '--data-dir', data,
+                              '--output', str(tmp_path), '--experiment', 'r'])
     assert not (tmp_path / 'r').exists()
     with pytest.raises(ValueError, match=message):
-        script('validate').main(['--checkpoint', str(damaged), '--data-dir', data, '--num-samples', '8', '-j', '0'])
+        script('validate').main(['--model', 'ait_small_patch32_64', '--checkpoint', str(damaged), '--data-dir', data,
+                                 '--num-samples', '8', '-j', '0'])
     with pytest.raises(ValueError, match=message):
         script('push_to_hub').main([str(damaged), '--local-dir', str(tmp_path / 'hub')])
     assert not (tmp_path / 'hub').exists()
     # the undamaged original loads
-    assert script('validate').main(['--checkpoint', str(root / 'run' / 'last.pth.tar'), '--data-dir', data,
-                                    '--num-samples', '8', '-j', '0'])['num_samples'] == 8
+    assert script('validate').main(['--model', 'ait_small_patch32_64', '--checkpoint', str(root / 'run' / 'last.pth.tar'),
+                                    '--data-dir', data, '--num-samples', '8', '-j', '0'])['num_samples'] == 8
     import timm
     with pytest.raises(ValueError, match='is damaged'):  # through the model's checkpoint_filter_fn
         timm.create_model('ait_small_patch32_64', pretrained=True, pretrained_cfg_overlay=dict(file=str(damaged)),
@@ -399,7 +401,8 @@ def test_a_damaged_checkpoint_is_refused_everywhere(trained, tmp_path):
 def test_validate_keeps_the_checkpoints_model_settings(trained, tmp_path):
     root, data = trained
     checkpoint = str(root / 'run' / 'last.pth.tar')
-    common = ['--checkpoint', checkpoint, '--dataset', 'triangle', '--data-dir', data, '--num-samples', '40', '-j', '0']
+    common = ['--model', 'ait_small_patch32_64', '--checkpoint', checkpoint, '--dataset', 'triangle', '--data-dir', data,
+              '--num-samples', '40', '-j', '0']
     validate = script('validate')
     # repeating one of the run's settings keeps all the others (the model is not rebuilt with defaults)
     results = validate.main([*common, '--model-kwargs', 'embed_dim=32'])
@@ -408,7 +411,7 @@ def test_validate_keeps_the_checkpoints_model_settings(trained, tmp_path):
     with pytest.raises(ValueError, match=r'model setting embed_dim: .*embed_dim=32.*--model-kwargs embed_dim=64'):
         validate.main([*common, '--model-kwargs', 'embed_dim=64'])
     with pytest.raises(ValueError, match=r"model setting model: .*--model 'ait_small_patch32_64'.*--model 'ait_base_"):
-        validate.main([*common, '--model', 'ait_base_patch32_64'])
+        validate.main([*common[2:], '--model', 'ait_base_patch32_64'])
 
 
 def test_a_stuck_rank_ends_the_run_with_a_clear_message(tmp_path):
