@@ -171,6 +171,25 @@ def test_input_dtype_the_model_cannot_run_is_named(dtype):
         else:
             with pytest.raises(TypeError, match=str(dtype)):
                 model(x)
+    # the question-answering AiT and the Mixers say the same
+    qa = timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2).eval()
+    with pytest.raises(TypeError, match=rf'images of dtype torch.float32 .*got {dtype}'):
+        qa(torch.zeros(1, 3, 75, 75, dtype=dtype), torch.eye(11)[:1])
+    mixer = timm.create_model('hmixer_parallel_s4_32', embed_dim=32, num_blocks=1).eval()
+    with pytest.raises(TypeError, match=rf'images of dtype torch.float32 .*got {dtype}'):
+        mixer(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+def test_the_input_dtype_check_lets_torch_fx_trace():
+    from timm_ait.layers.input_dtype import check_input_dtype
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            check_input_dtype(x, torch.float32)
+            return 2 * x
+
+    traced = torch.fx.symbolic_trace(Scale())
+    assert torch.equal(traced(torch.ones(2)), torch.full((2,), 2.0))
 
 
 def test_input_errors_name_expected_and_received():

@@ -98,7 +98,8 @@ def check_local_dir(folder: str, overwrite: bool) -> None:
     if not os.path.isdir(folder):
         raise FileExistsError(f'--local-dir {folder!r} exists and is not a folder')
     present = sorted(os.listdir(folder))
-    foreign = [name for name in present if name not in HUB_FILES]
+    ours = set(HUB_FILES) | {f'{name}.tmp' for name in HUB_FILES}  # .tmp: an interrupted earlier copy
+    foreign = [name for name in present if name not in ours]
     if foreign:
         raise FileExistsError(f'--local-dir {folder!r} holds files push_to_hub did not write ({", ".join(foreign[:5])}'
                               f'{", ..." if len(foreign) > 5 else ""}); give a new or empty folder (--overwrite only '

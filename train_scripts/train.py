@@ -267,12 +267,16 @@ def checkpoint_files(folder: str) -> list:
 
 
 def latest_epoch(folder: str) -> int:
-    """The epoch of the newest checkpoint in a run folder (last.pth.tar's, else the highest checkpoint-N)."""
+    """The epoch of the newest checkpoint in a run folder: last.pth.tar's or the highest checkpoint-N."""
+    epochs = [int(m.group(1)) for f in checkpoint_files(folder) if (m := re.match(r'checkpoint-(\d+)\.', f))]
     last = os.path.join(folder, 'last.pth.tar')
     if os.path.isfile(last):
-        return int(load_training_checkpoint(last).get('epoch', -1))
-    numbered = [int(m.group(1)) for f in checkpoint_files(folder) if (m := re.match(r'checkpoint-(\d+)\.', f))]
-    return max(numbered, default=-1)
+        try:  # only its 'epoch' entry: memory-mapped, the tensors are not read
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                epochs.append(int(torch.load(last, map_location='cpu', weights_only=True, mmap=True)['epoch']))
+        except Exception:  # unreadable: the numbered checkpoints still say how far the run got
+            pass
+    return max(epochs, default=-1)
 
 
 def resolve_output_dir(args, resume_state=None) -> str:

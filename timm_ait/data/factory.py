@@ -149,19 +149,20 @@ def folder_class_map(root: str, split: str, train_split: str = 'train') -> Optio
     from timm.data.readers.reader_image_folder import find_images_and_targets
 
     split_dir, train_dir = os.path.join(root, split), os.path.join(root, train_split)
+    if split == train_split:
+        return None  # timm numbers the training split's own folders: that is the numbering
     if not os.path.isdir(train_dir):
         warnings.warn(f'image folder dataset: no training split {train_dir!r} to number the classes by; the classes '
                       f'of {split_dir!r} are numbered by its own folders, which matches training only if it has '
                       'every class (pass the training split name)')
         return None
     _, class_to_idx = find_images_and_targets(train_dir)
-    if split != train_split:
-        _, own = find_images_and_targets(split_dir)
-        unknown = sorted(set(own) - set(class_to_idx))
-        if unknown:
-            raise ValueError(f'image folder dataset: {split_dir!r} has class folders that the training split '
-                             f'{train_dir!r} does not have: {unknown[:10]}; expected a subset of '
-                             f'{sorted(class_to_idx)[:10]}{" ..." if len(class_to_idx) > 10 else ""}')
+    _, own = find_images_and_targets(split_dir)
+    unknown = sorted(set(own) - set(class_to_idx))
+    if unknown:  # timm would drop their images without a word
+        raise ValueError(f'image folder dataset: {split_dir!r} has class folders that the training split '
+                         f'{train_dir!r} does not have: {unknown[:10]}; expected a subset of '
+                         f'{sorted(class_to_idx)[:10]}{" ..." if len(class_to_idx) > 10 else ""}')
     return class_to_idx
 
 

@@ -40,7 +40,6 @@ from ..hub import explain_download_errors, hf_hub_id
 from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
-from ..layers.input_dtype import check_input_dtype
 from ._factory import DENSE
 
 __all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn', 'convert_authors_checkpoint']
@@ -187,16 +186,6 @@ class AssociativeTransformer(VisionTransformer):
             # timm's std 0.02 over N*D inputs would start with logits of std 0.02*sqrt(N*D) (about 4 at
             # CIFAR size); scale it so they start as a ViT's pooled head does, 0.02*sqrt(D)
             trunc_normal_(self.head.weight, std=.02 * (self.embed_dim / self.head_hidden_size) ** 0.5)
-
-    def forward_features(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # a clear error for fp16 / uint8 / ... images, before torch's
-            check_input_dtype(x, self.patch_embed.proj.weight.dtype)
-        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     @torch.jit.ignore
     def balance_loss(self) -> Optional[torch.Tensor]:

@@ -42,7 +42,6 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from ..hub import explain_download_errors, hf_hub_id
-from ..layers.input_dtype import check_input_dtype
 from .ait import _SIZES, AssociativeTransformer, _cfg, checkpoint_filter_fn
 
 __all__ = ['RelationalAssociativeTransformer', 'QuestionEmbed', 'SORT_OF_CLEVR_QUESTION_DIM',
@@ -127,8 +126,6 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
 
     def _embed(self, x: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
         """Tokens before the blocks: ``[prefix] + [patches + pos_embed] + [question]``."""
-        if not torch.jit.is_scripting():
-            check_input_dtype(x, self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(x)  # checks the images
         self._check_questions(questions, x.shape[0])
         x = self._pos_embed(x)
