@@ -28,6 +28,7 @@ import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import create_ait_dataset
 from timm_ait.data.sort_of_clevr import SortOfClevr
 from timm_ait.hub import hf_hub_id
+from timm_ait.hub_card import read_summary
 from timm_ait.models.ait_relational import SORT_OF_CLEVR_ANSWERS
 from timm_ait.profiling import profile_model
 
@@ -316,6 +317,17 @@ def test_a_diverged_checkpoint_is_refused_for_what_it_is(tmp_path):
                                          r'\(head.weight\): the run diverged'):
         push_to_hub.main([str(make_checkpoint(tmp_path / 'run', state_dict=state)), '--local-dir', str(tmp_path / 'h')])
     assert not (tmp_path / 'h').exists()
+
+
+def test_an_epoch_recorded_twice_counts_once_on_the_card(tmp_path):
+    # a summary.csv an interrupted and resumed run of an older train.py wrote: epoch 1 twice
+    summary = tmp_path / 'summary.csv'
+    summary.write_text('epoch,train_loss,eval_top1\n0,0.7,50.0\n1,0.6,60.0\n1,0.6,61.0\n2,0.5,70.0\n')
+    result = read_summary(str(summary))
+    assert result['num_epochs'] == 3 and result['final'] == dict(epoch=2, top1=70.0)
+    # a run resumed into a new folder records only its later epochs, and still trained all of them
+    summary.write_text('epoch,train_loss,eval_top1\n3,0.5,72.0\n4,0.4,75.0\n')
+    assert read_summary(str(summary))['num_epochs'] == 5
 
 
 EMA_SUMMARY = """epoch,train_loss,eval_loss,eval_top1,eval_top5,eval_ema_loss,eval_ema_top1,eval_ema_top5

@@ -212,6 +212,14 @@ def test_img_size_builds_a_fixed_size_model_for_that_size():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
 
 
+def test_model_kwargs_bottleneck_none_builds_the_dense_ablation():
+    train = script('train')
+    args = train.parse_args(['--model', 'ait_small_patch32_64', '--model-kwargs', *TINY_KWARGS, 'bottleneck=None'])
+    assert args.model_kwargs['bottleneck'] is None
+    model = train.create_task_model(args, torch.device('cpu'))
+    assert all(blk.mlp.write_attn.bottleneck is None for blk in model.blocks)
+
+
 def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
     """Two epochs of a small question-conditioned AiT on 2,000 generated Sort-of-CLEVR images.
 
