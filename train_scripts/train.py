@@ -68,10 +68,6 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf loss (or weights): the run stops, its checkpoints untouched."""
 
 
-class StuckRankError(RuntimeError):
-    """A collective did not complete within --dist-timeout: another rank is stuck or died."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='timm-ait training', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of defaults (flag names as keys)')
@@ -590,11 +586,12 @@ def main(argv=None):
         check_finite(model, f'the weights after epoch {epoch}')
         if model_ema is not None:
             check_finite(model_ema.module, f'the EMA weights after epoch {epoch}')
-        if timm_ait.skipped_memory_writes(model) > skipped_writes:
+        if not skipped_writes and timm_ait.skipped_memory_writes(model):  # said once; the count goes on
             skipped_writes = timm_ait.skipped_memory_writes(model)
-            if is_primary(args):  # once an epoch at most
-                _logger.warning(f'{skipped_writes} memory writes were non-finite and skipped so far; the memory '
-                                'kept its last finite value')
+            if is_primary(args):
+                _logger.warning(f'epoch {epoch}: {skipped_writes} memory write(s) held NaN or inf and were skipped '
+                                '(the memory keeps its last finite value); timm_ait.skipped_memory_writes(model) '
+                                'counts them')
         eval_metrics = evaluate(model, val_loader, device, autocast, relational)
         if model_ema is not None:
             for k, v in evaluate(model_ema.module, val_loader, device, autocast, relational).items():
@@ -619,16 +616,17 @@ def main(argv=None):
     return eval_metrics
 
 
-def _stuck_rank_error(error: RuntimeError):
-    """The clear error for a collective that timed out (gloo's and nccl's own say little), else None."""
+def stuck_rank_message(error: RuntimeError):
+    """What to say when a collective failed because another rank is stuck or died (gloo's and nccl's own
+    errors say little), or None when ``error`` is something else."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     text = str(error)
     if not re.search(r'[Tt]imed out|[Tt]imeout|pair closure|Connection (reset|closed)|[Bb]roken pipe', text):
         return None
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return StuckRankError(f'rank {rank} of {world}: another rank did not answer within the process group timeout '
-                          f'(--dist-timeout): it is stuck or died; stopping the run ({text.splitlines()[0][:200]})')
+    return (f'rank {rank} of {world}: another rank did not answer within the process group timeout '
+            f'(--dist-timeout): it is stuck or died; stopping the run ({text.strip().splitlines()[0][:200]})')
 
 
 if __name__ == '__main__':
@@ -641,9 +639,9 @@ if __name__ == '__main__':
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
     except RuntimeError as e:
-        stuck = _stuck_rank_error(e)
+        stuck = stuck_rank_message(e)
         if stuck is None:
             raise
         sys.stdout.flush()
-        print(f"error: {stuck}", file=sys.stderr, flush=True)
+        print(f'error: {stuck}', file=sys.stderr, flush=True)
         os._exit(1)  # not sys.exit: the process group's teardown would wait for the stuck rank
