@@ -137,10 +137,61 @@ def test_memory_init_keyword_and_reset():
     (dict(num_slots=0), 'num_slots must be >= 1'),
     (dict(gwl_heads=0), 'gwl_heads must be >= 1'),
     (dict(num_heads=3), 'embed_dim 32 is not divisible by num_heads 3'),
+    # caught at construction, not at the first forward or as a ZeroDivisionError
+    (dict(bottleneck=2.5), r'bottleneck must be >= 1 \(an integer, the top-k\) or None \(dense\), got 2.5'),
+    (dict(patch_size=0), r'patch_size must be >= 1 .*got 0'),
+    (dict(beta=float('nan')), 'beta must be > 0 and finite, got nan'),
 ])
 def test_configuration_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny(**kwargs)
+
+
+def test_bottleneck_none_is_the_dense_ablation_through_create_model():
+    # timm.create_model drops None keyword arguments; the README's bottleneck=None must still reach the model
+    for model in (tiny(bottleneck=None), tiny(ablation='no_bottleneck'),
+                  timm.create_model('ait_small_patch4_32.cifar10', **{**TINY, 'bottleneck': None}),
+                  timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2, bottleneck=None)):
+        assert all(blk.mlp.write_attn.bottleneck is None for blk in model.blocks)
+    assert tiny().blocks[0].mlp.write_attn.bottleneck == 10
+    assert timm.create_model('ait_small_patch4_32', embed_dim=32, num_heads=2).blocks[0].mlp.write_attn.bottleneck == 512
+    # the recorded factory arguments keep the None, so a saved config rebuilds the dense model
+    assert tiny(bottleneck=None)._model_args['bottleneck'] is None
+    # a model for which None means 'unset' still gets timm's behaviour
+    assert timm.create_model('vit_tiny_patch16_224', bottleneck=None, num_classes=3).num_classes == 3
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64, torch.uint8])
+def test_input_dtype_the_model_cannot_run_is_named(dtype):
+    model = tiny().eval()
+    x = torch.zeros(2, 3, 16, 16, dtype=dtype)
+    with pytest.raises(TypeError, match=rf'expected images of dtype torch.float32 .*got {dtype}'):
+        model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast casts half inputs, not float64 or integers
+        if dtype in (torch.float16, torch.bfloat16):
+            assert model(x).shape == (2, 10)
+        else:
+            with pytest.raises(TypeError, match=str(dtype)):
+                model(x)
+    # the question-answering AiT and the Mixers say the same
+    qa = timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2).eval()
+    with pytest.raises(TypeError, match=rf'images of dtype torch.float32 .*got {dtype}'):
+        qa(torch.zeros(1, 3, 75, 75, dtype=dtype), torch.eye(11)[:1])
+    mixer = timm.create_model('hmixer_parallel_s4_32', embed_dim=32, num_blocks=1).eval()
+    with pytest.raises(TypeError, match=rf'images of dtype torch.float32 .*got {dtype}'):
+        mixer(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+def test_the_input_dtype_check_lets_torch_fx_trace():
+    from timm_ait.layers.input_dtype import check_input_dtype
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            check_input_dtype(x, torch.float32)
+            return 2 * x
+
+    traced = torch.fx.symbolic_trace(Scale())
+    assert torch.equal(traced(torch.ones(2)), torch.full((2,), 2.0))
 
 
 def test_input_errors_name_expected_and_received():

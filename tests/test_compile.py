@@ -27,3 +27,25 @@ def test_compiled_model_matches_eager_in_train_and_eval():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
     assert compiled_model.balance_loss() is None
+
+
+def test_a_training_step_with_the_non_finite_guard_captures_in_one_graph():
+    """The guard of the memory write is in the graph (torch.where), not a Python branch on a value."""
+    torch.manual_seed(0)
+    model = timm.create_model('ait_small_patch4_32', num_classes=5, depth=1, **TINY).train()
+
+    def loss_of(x, target):
+        return torch.nn.functional.cross_entropy(model(x), target) + 1e-2 * model.balance_loss()
+
+    x, target = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    explained = torch._dynamo.explain(loss_of)(x, target)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    step = torch.compile(loss_of, fullgraph=True, backend='aot_eager')
+    memory = model.blocks[0].mlp.memory.memory
+    before = memory.clone()
+    bad = x.clone()
+    bad[2, 1, 5, 5] = float('nan')
+    step(bad, target).backward()
+    assert torch.equal(memory, before) and timm_ait.skipped_memory_writes(model) == 1
+    step(x, target).backward()
+    assert torch.isfinite(memory).all() and not torch.equal(memory, before)

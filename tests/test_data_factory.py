@@ -89,6 +89,37 @@ def test_image_folder(tmp_path):
         create_ait_dataset('folder', root=str(tmp_path), split='validation')
 
 
+def test_image_folder_labels_mean_the_same_class_in_every_split(tmp_path):
+    def images(split, classes):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / cls / f'{cls}.png')
+
+    images('train', ['a', 'b', 'c'])
+    images('validation', ['a', 'c'])  # no 'b' in the validation split
+    train = create_ait_dataset('folder', root=str(tmp_path), split='train')
+    validation = create_ait_dataset('folder', root=str(tmp_path), split='validation')
+    assert [label for _, label in train] == [0, 1, 2]
+    assert [label for _, label in validation] == [0, 2]  # 'c' is class 2 there too
+    assert dataset_num_classes(validation) == 3
+    images('test', ['a', 'd'])
+    with pytest.raises(ValueError, match=r"has class folders that the training split .* does not have: \['d'\]"):
+        create_ait_dataset('folder', root=str(tmp_path), split='test')
+
+
+def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    with pytest.raises(ConnectionError, match=r"cannot download dataset 'torch/cifar10' into .*URLError.*Name or "
+                                              r"service not known.*check the network"):
+        create_ait_dataset('torch/cifar10', root=str(tmp_path / 'cifar'), download=True)
+
+
 @pytest.mark.parametrize('name,root,error,match', [
     ('imagenet', None, ValueError, "unknown dataset 'imagenet'"),
     ('torch/cifar10', None, ValueError, 'needs --data-dir'),

@@ -13,7 +13,7 @@ import timm_ait  # noqa: F401
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
 
 
-def _train_rank(rank, world_size, rdzv, out_dir, steps):
+def _train_rank(rank, world_size, rdzv, out_dir, steps, nan_at=None):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size)
     try:
@@ -25,10 +25,16 @@ def _train_rank(rank, world_size, rdzv, out_dir, steps):
         model.reset_memory()  # ranks start from different memories: the averaged write must still agree
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
-        for _ in range(steps):
+        for step in range(steps):
             x = torch.randn(4, 3, 16, 16, generator=gen)
             target = torch.randint(0, 4, (4,), generator=gen)
+            if nan_at is not None and step == nan_at[1]:
+                torch.save(model.state_dict(), os.path.join(out_dir, f'rank{rank}_before.pth'))
+                if rank == nan_at[0]:
+                    x[1, 2, 3, 4] = float('nan')  # one bad pixel on one rank
             loss = torch.nn.functional.cross_entropy(ddp(x), target) + 1e-2 * model.balance_loss()
+            if nan_at is not None and step == nan_at[1]:
+                break  # where a training script stops (a NaN loss); the memory this forward left is saved
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -48,3 +54,16 @@ def test_two_gloo_ranks_end_with_bit_identical_memory_and_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     for k in memory_keys:  # and the memory was written
         assert not torch.equal(a[k], init.state_dict()[k])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_a_non_finite_write_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """Rank 1 gets a NaN pixel at step 2: the rank average of the write is NaN everywhere, so all skip it."""
+    mp.spawn(_train_rank, args=(2, str(tmp_path / 'rdzv'), str(tmp_path), 3, (1, 2)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in (0, 1))
+    before = torch.load(tmp_path / 'rank0_before.pth')
+    memory_keys = [k for k in a if k.endswith('memory.memory')]
+    assert len(memory_keys) == 2
+    for k in memory_keys:
+        assert torch.equal(a[k], b[k]), k  # the same memory on both ranks
+        assert torch.equal(a[k], before[k]), k  # as it was before the bad write, on the good rank too

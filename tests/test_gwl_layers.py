@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from timm_ait.layers import (
     BottleneckAttention, ExplicitMemory, GlobalWorkspaceLayer, HopfieldRetrieval, balance_loss_from_gates,
-    hopfield_energy,
+    hopfield_energy, skipped_memory_writes,
 )
 
 
@@ -183,6 +183,36 @@ def test_training_forward_writes_memory_by_the_ewma_rule():
     y.sum().backward()
     assert layer.write_attn.q.weight.grad.abs().sum() > 0
     assert layer.balance_loss is not None and layer.balance_loss.requires_grad
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_a_non_finite_write_never_reaches_the_memory(bad):
+    torch.manual_seed(6)
+    layer = _gwl().train()
+    layer(torch.randn(2, 5, 16))
+    before = layer.memory.memory.clone()
+    x = torch.randn(2, 5, 16)
+    x[1, 3, 7] = bad  # one bad value in one sample
+    layer(x)
+    assert torch.equal(layer.memory.memory, before)  # the write was skipped whole
+    assert skipped_memory_writes(layer) == 1
+    # so every later forward, on any input, is as good as before the bad one
+    y = layer(torch.randn(2, 5, 16))
+    assert torch.isfinite(y).all() and torch.isfinite(layer.memory.memory).all()
+    assert not torch.equal(layer.memory.memory, before) and skipped_memory_writes(layer) == 1
+    layer.eval()
+    assert torch.isfinite(layer(torch.randn(3, 5, 16))).all()
+
+
+def test_a_training_forward_on_an_empty_batch_writes_nothing():
+    layer = _gwl().train()
+    before = layer.memory.memory.clone()
+    y = layer(torch.randn(0, 5, 16))
+    assert y.shape == (0, 5, 16)
+    assert torch.equal(layer.memory.memory, before)
+    # no patches: nothing is imbalanced, and the loss must not turn the step's loss into NaN
+    assert layer.balance_loss.item() == 0.0
+    assert skipped_memory_writes(layer) == 0
 
 
 def test_l2_normalised_write():

@@ -28,6 +28,7 @@ import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import create_ait_dataset
 from timm_ait.data.sort_of_clevr import SortOfClevr
 from timm_ait.hub import hf_hub_id
+from timm_ait.hub_card import read_summary
 from timm_ait.models.ait_relational import SORT_OF_CLEVR_ANSWERS
 from timm_ait.profiling import profile_model
 
@@ -132,6 +133,20 @@ def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, summary:
     return path
 
 
+def ema_summary() -> str:
+    """The fixture's summary.csv as a run with --model-ema writes it, the fixture's weights as the EMA ones:
+    eval_ema_* columns with the fixture's accuracies, the plain weights' at chance."""
+    with open(FIXTURE / 'summary.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*rows[0], 'eval_ema_loss', 'eval_ema_top1', 'eval_ema_top5'])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, 'eval_top1': '50.0', 'eval_ema_loss': row['eval_loss'],
+                         'eval_ema_top1': row['eval_top1'], 'eval_ema_top5': row['eval_top5']})
+    return out.getvalue()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -148,11 +163,14 @@ def test_publish_then_pretrained_downloads_and_classifies(tmp_path, hub):
     # the EMA weights are the trained ones; the plain weights are noise that must not be published
     noise = timm.create_model(MODEL).state_dict()
     checkpoint = make_checkpoint(tmp_path / 'run', state_dict=noise,
-                                 ema_state_dict=load_file(FIXTURE / 'model.safetensors'))
+                                 ema_state_dict=load_file(FIXTURE / 'model.safetensors'), summary=ema_summary())
     run([PUSH_SCRIPT, checkpoint, '--use-ema', '--results-file', FIXTURE / 'validate.json'],
         client_env(tmp_path / 'publisher', hub.endpoint, TOKEN))
     published = hub.files(REPO_ID)
     assert sorted(published) == ['README.md', 'config.json', 'model.safetensors']
+    with open(FIXTURE / 'summary.csv', newline='') as f:
+        final = list(csv.DictReader(f))[-1]
+    assert f"| Final | {final['epoch']} | {float(final['eval_top1']):.2f} |" in published['README.md'].decode()
     assert json.loads(published['config.json'])['architecture'] == MODEL
 
     result = run(['-c', CONSUMER, FIXTURE / 'model.safetensors', tmp_path / 'data', REPO_ID, FRESH_SEED,
@@ -268,11 +286,75 @@ def test_mismatched_checkpoint_names_the_keys_before_writing(tmp_path):
     checkpoint = make_checkpoint(tmp_path / 'run', state_dict=state)
     out = tmp_path / 'hub_folder'
     out.mkdir()
-    (out / 'keep.txt').write_text('previous contents')
+    (out / 'README.md').write_text('an earlier card')  # an earlier Hub folder, which --overwrite may replace
     for target in (['--local-dir', str(out), '--overwrite'], ['--token', TOKEN]):
         with pytest.raises(ValueError, match=r'missing: blocks\.1\.mlp\.memory\.memory.*shape mismatch: pos_embed'):
             push_to_hub.main([str(checkpoint), *target])
-    assert os.listdir(out) == ['keep.txt']
+    assert os.listdir(out) == ['README.md'] and (out / 'README.md').read_text() == 'an earlier card'
+
+
+def test_overwrite_never_deletes_what_push_to_hub_did_not_write(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / 'run')
+    run_files = {f.name: f.read_bytes() for f in (tmp_path / 'run').iterdir()}
+    # the run folder itself as the Hub folder: the checkpoint being published is in it
+    with pytest.raises(FileExistsError, match=r"holds files push_to_hub did not write \(model_best.pth.tar, "
+                                              r"summary.csv\)"):
+        push_to_hub.main([str(checkpoint), '--local-dir', str(tmp_path / 'run'), '--overwrite'])
+    assert {f.name: f.read_bytes() for f in (tmp_path / 'run').iterdir()} == run_files
+    # an earlier Hub folder is replaced, file by file
+    out = tmp_path / 'hub_folder'
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out)])
+    (out / 'README.md').write_text('stale')
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--overwrite'])
+    assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors']
+    assert (out / 'README.md').read_text() != 'stale'
+
+
+def test_a_diverged_checkpoint_is_refused_for_what_it_is(tmp_path):
+    state = load_file(FIXTURE / 'model.safetensors')
+    state['head.weight'][0, 0] = float('nan')
+    with pytest.raises(ValueError, match=r'holds non-finite values \(NaN or inf\) in 1 of its weight tensors '
+                                         r'\(head.weight\): the run diverged'):
+        push_to_hub.main([str(make_checkpoint(tmp_path / 'run', state_dict=state)), '--local-dir', str(tmp_path / 'h')])
+    assert not (tmp_path / 'h').exists()
+
+
+def test_an_epoch_recorded_twice_counts_once_on_the_card(tmp_path):
+    # a summary.csv an interrupted and resumed run of an older train.py wrote: epoch 1 twice
+    summary = tmp_path / 'summary.csv'
+    summary.write_text('epoch,train_loss,eval_top1\n0,0.7,50.0\n1,0.6,60.0\n1,0.6,61.0\n2,0.5,70.0\n')
+    result = read_summary(str(summary))
+    assert result['num_epochs'] == 3 and result['final'] == dict(epoch=2, top1=70.0)
+    # a run resumed into a new folder records only its later epochs, and still trained all of them
+    summary.write_text('epoch,train_loss,eval_top1\n3,0.5,72.0\n4,0.4,75.0\n')
+    assert read_summary(str(summary))['num_epochs'] == 5
+
+
+EMA_SUMMARY = """epoch,train_loss,eval_loss,eval_top1,eval_top5,eval_ema_loss,eval_ema_top1,eval_ema_top5
+0,0.7,0.69,51.00,100.0,0.69,50.00,100.0
+1,0.6,0.55,75.00,100.0,0.60,70.00,100.0
+2,0.5,0.45,90.00,100.0,0.50,88.50,100.0
+"""
+
+
+def test_the_card_of_ema_weights_shows_the_ema_accuracies(tmp_path):
+    weights = load_file(FIXTURE / 'model.safetensors')
+    checkpoint = make_checkpoint(tmp_path / 'run', state_dict=weights, ema_state_dict=weights, summary=EMA_SUMMARY)
+    out = tmp_path / 'hub_folder'
+    push_to_hub.main([str(checkpoint), '--use-ema', '--local-dir', str(out)])
+    card = (out / 'README.md').read_text()
+    assert 'eval accuracy of the EMA weights' in card
+    assert '| Best | 2 | 88.50 |' in card and '| Final | 2 | 88.50 |' in card and '90.00' not in card
+    # validate.py's results of the other weights do not go on this card
+    plain = tmp_path / 'validate.json'
+    plain.write_text(json.dumps(dict(model=MODEL, top1=91.0, top5=100.0, use_ema=False)))
+    with pytest.raises(ValueError, match=r'was measured on the plain \(non-EMA\) weights.*validate them with --use-ema'):
+        push_to_hub.main([str(checkpoint), '--use-ema', '--local-dir', str(tmp_path / 'h2'), '--results-file',
+                          str(plain)])
+    # a run without EMA has no accuracies to show for --use-ema
+    checkpoint = make_checkpoint(tmp_path / 'plain_run', state_dict=weights, ema_state_dict=weights)
+    with pytest.raises(ValueError, match='no accuracies of the EMA weights'):
+        push_to_hub.main([str(checkpoint), '--use-ema', '--local-dir', str(tmp_path / 'h3')])
 
 
 def test_existing_local_dir_needs_overwrite(tmp_path):

@@ -26,6 +26,16 @@ def run(script, *args, env=None, check=True, **kwargs):
     return proc
 
 
+def script(name):
+    """A training script as a module, to call its main() in this process (no interpreter start-up)."""
+    import importlib
+    sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def read_summary(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -108,6 +118,17 @@ def test_bad_requests_fail_before_any_work(args, message, tmp_path):
     assert not (tmp_path / 'x').exists()
 
 
+@pytest.mark.parametrize('args,message', [
+    (['--epochs', '0'], '--epochs must be >= 1, got 0'),  # not a bare AssertionError from timm's scheduler
+    (['-b', '0'], '-b/--batch-size must be >= 1, got 0'),
+    (['--dist-timeout', '0'], '--dist-timeout must be a number of seconds > 0, got 0.0'),
+])
+def test_bad_numbers_are_named(args, message):
+    train = script('train')
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.check_args(train.parse_args(args))
+
+
 def test_labels_that_do_not_fit_the_classifier_fail_before_any_work(tmp_path):
     proc = run(TRAIN, '--num-classes', '10', '--train-num-samples', '8', '--val-num-samples', '8',
                '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'x',
@@ -125,11 +146,18 @@ def test_unreadable_and_mismatched_resume_files(trained, tmp_path):
     proc = run(TRAIN, *TRIANGLE, '--resume', str(garbage), '--output', str(tmp_path), '--experiment', 'g',
                check=False)
     assert proc.returncode == 2 and 'cannot be read' in proc.stderr, proc.stderr
-    # a checkpoint of a deeper variant
+    # a checkpoint of a deeper variant: refused, naming the setting, before any work
     proc = run(TRAIN, *TRIANGLE, '--model-kwargs', *TINY_KWARGS, 'depth=3', '--data-dir', data,
                '--resume', str(root / 'run' / 'last.pth.tar'), '--output', str(tmp_path), '--experiment', 'm',
                check=False)
-    assert proc.returncode == 2 and 'unexpected' not in proc.stderr and 'missing: blocks.2.' in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and 'model setting depth' in proc.stderr and '--model-kwargs depth=3' in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / 'm').exists()
+    # a weights-only file has no optimizer state to resume
+    bare = tmp_path / 'bare.pth'
+    torch.save(state_of(root / 'run' / 'last.pth.tar'), bare)
+    with pytest.raises(ValueError, match='holds no optimizer state'):
+        script('train').main([*TRIANGLE, '--resume', str(bare), '--output', str(tmp_path), '--experiment', 'b'])
 
 
 def test_existing_checkpoints_are_never_overwritten(trained):
@@ -142,11 +170,22 @@ def test_existing_checkpoints_are_never_overwritten(trained):
     assert last.read_bytes() == before
 
 
-def test_yaml_config_and_unknown_keys(tmp_path):
+def test_yaml_config_and_unknown_keys(tmp_path, capsys):
     bad = tmp_path / 'bad.yaml'
     bad.write_text('model: ait_small\nlearning_rate: 0.1\n')
     proc = run(TRAIN, '-c', str(bad), check=False)
     assert proc.returncode == 2 and "unknown keys ['learning_rate']" in proc.stderr
+
+    def parse_error(text):
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as exit:
+            script('train').parse_args(['-c', str(bad)])
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    # malformed: one clear line (argparse's usage and error), no traceback
+    assert f"config '{bad}' is not valid YAML (line 3, column 1" in parse_error('model: ait_small\nlr: [0.1\n')
+    assert 'must be a mapping of flag names to values, got a list' in parse_error('- model\n- lr\n')
 
 
 @pytest.mark.parametrize('config', sorted(os.listdir(os.path.join(REPO, 'train_scripts', 'configs'))))
@@ -171,6 +210,14 @@ def test_img_size_builds_a_fixed_size_model_for_that_size():
         sys.path.pop(0)
     assert model.patch_embed.img_size == (32, 32)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_model_kwargs_bottleneck_none_builds_the_dense_ablation():
+    train = script('train')
+    args = train.parse_args(['--model', 'ait_small_patch32_64', '--model-kwargs', *TINY_KWARGS, 'bottleneck=None'])
+    assert args.model_kwargs['bottleneck'] is None
+    model = train.create_task_model(args, torch.device('cpu'))
+    assert all(blk.mlp.write_attn.bottleneck is None for blk in model.blocks)
 
 
 def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
@@ -219,3 +266,201 @@ def test_demo_quick_trains_and_validates(tmp_path):
     assert results['model'] == 'ait_tiny_patch32_64' and results['batch_size'] == 1
     assert f"reached {results['top1']:.2f}% test accuracy" in proc.stdout
     assert float(read_summary(run_dir / 'summary.csv')[-1]['eval_top1']) == pytest.approx(results['top1'], abs=1e-3)
+
+
+def copy_run(src, dst):
+    """A copy of a run folder (its files are hard links between each other; copy the bytes)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_checkpoints(trained, tmp_path):
+    root, data = trained
+    run_dir = copy_run(root / 'run', tmp_path / 'run')
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir()}
+    # a learning rate that makes the next epoch diverge (a fresh optimizer may take new settings)
+    proc = run(TRAIN, *TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '4', '--no-resume-opt',
+               '--opt', 'sgd', '--lr', '1e5', '--data-dir', data, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert re.search(r'error: the training loss is (nan|inf) at epoch 2, batch \d+/6', proc.stderr), proc.stderr
+    assert 'Traceback' not in proc.stderr
+    after = {f.name: f.read_bytes() for f in run_dir.iterdir()}
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar', 'summary.csv'):
+        assert after[name] == before[name], name
+    assert not any(name.startswith('checkpoint-2') for name in after)
+
+
+def test_a_training_set_smaller_than_a_batch_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(
+            'the training set has 8 samples (8 per process), fewer than one batch (-b 16): an epoch would have no '
+            'step; pass -b 8 or less')):
+        script('train').main([*TRIANGLE, '--train-num-samples', '8', '--data-dir', str(tmp_path / 'data'),
+                              '--output', str(tmp_path), '--experiment', 'x'])
+    assert not (tmp_path / 'x').exists()
+
+
+def test_a_run_whose_first_checkpoint_write_was_killed_starts_again(tmp_path):
+    # what kill -9 during the first save leaves: the epoch's summary row and a partial tmp.pth.tar
+    run_dir = tmp_path / 'x'
+    run_dir.mkdir()
+    (run_dir / 'tmp.pth.tar').write_bytes(b'')
+    (run_dir / 'summary.csv').write_text('epoch,train_loss,eval_top1\n0,0.7,51.0\n')
+    run(TRAIN, *TRIANGLE, '--epochs', '1', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path),
+        '--experiment', 'x')
+    assert [r['epoch'] for r in read_summary(run_dir / 'summary.csv')] == ['0']
+    assert (run_dir / 'last.pth.tar').is_file() and not (run_dir / 'tmp.pth.tar').exists()
+
+
+def test_resume_after_a_kill_between_summary_and_checkpoint_records_each_epoch_once(trained, tmp_path):
+    root, data = trained
+    run_dir = copy_run(root / 'run', tmp_path / 'run')
+    rows = read_summary(run_dir / 'summary.csv')
+    with open(run_dir / 'summary.csv', 'a', newline='') as f:  # epoch 2's row, written before its checkpoint
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow({**rows[-1], 'epoch': '2'})
+    run(TRAIN, *TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--data-dir', data)
+    assert [r['epoch'] for r in read_summary(run_dir / 'summary.csv')] == ['0', '1', '2']
+    assert [r['eval_top1'] for r in read_summary(run_dir / 'summary.csv')[:2]] == [r['eval_top1'] for r in rows]
+    from timm_ait.hub_card import read_summary as card_summary
+    assert card_summary(str(run_dir / 'summary.csv'))['num_epochs'] == 3
+
+
+def test_resume_rebuilds_the_model_and_settings_from_the_checkpoint(trained, tmp_path):
+    root, data = trained
+    # nothing but --resume: the model kwargs, lr, batch size, ... come from the checkpoint
+    run(TRAIN, '--resume', str(root / 'run' / 'checkpoint-0.pth.tar'), '--data-dir', data, '--workers', '0',
+        '--output', str(tmp_path), '--experiment', 'bare')
+    a, b = state_of(root / 'run' / 'last.pth.tar'), state_of(tmp_path / 'bare' / 'last.pth.tar')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import yaml
+    saved = yaml.safe_load((tmp_path / 'bare' / 'args.yaml').read_text())
+    assert saved['model_kwargs'] == dict(k.split('=') for k in TINY_KWARGS) | {
+        k: int(v) for k, v in (k.split('=') for k in TINY_KWARGS) if v.isdigit()}
+    assert saved['lr'] == 1e-3 and saved['batch_size'] == 16 and saved['epochs'] == 2
+    # a command line that contradicts the run's model is refused, naming the setting
+    common = ['--resume', str(root / 'run' / 'checkpoint-0.pth.tar'), '--data-dir', data, '--output', str(tmp_path),
+              '--experiment', 'other']
+    with pytest.raises(ValueError, match=r'model setting beta: .* was trained without beta .*--model-kwargs beta=4.0'):
+        script('train').main([*common, '--model-kwargs', 'beta=4.0'])
+    with pytest.raises(ValueError, match=r'model setting model: .*ait_small_patch32_64.*ait_base_patch32_64'):
+        script('train').main([*common, '--model', 'ait_base_patch32_64'])
+    assert not (tmp_path / 'other').exists()
+
+
+def test_a_finished_run_folder_is_never_rewritten_by_a_resume(trained):
+    root, data = trained
+    run_dir = root / 'run'
+    before = {f.name: f.read_bytes() for f in run_dir.iterdir()}
+    train = script('train')
+    # an older checkpoint, resumed into its own folder, would overwrite the later ones
+    with pytest.raises(FileExistsError, match='is epoch 0, but .* holds checkpoints up to epoch 1'):
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'checkpoint-0.pth.tar'), '--epochs', '2', '--data-dir', data])
+    # a setting the resumed optimizer state would silently override is refused, not recorded
+    with pytest.raises(ValueError, match=r'optimizer setting lr: .*--lr 0.001.*--lr 0.05.*--no-resume-opt'):
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--lr', '0.05',
+                    '--data-dir', data])
+    with pytest.raises(ValueError, match='has finished epoch 1 of --epochs 2: nothing is left to train'):
+        train.main([*TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '2', '--data-dir', data])
+    assert {f.name: f.read_bytes() for f in run_dir.iterdir()} == before
+
+
+def flip_bytes(path, count=4):
+    """Flip ``count`` bytes in the middle of the largest tensor stored in a torch checkpoint."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if '/data/' in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack('<HH', data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_everywhere(trained, tmp_path):
+    root, data = trained
+    damaged = tmp_path / 'damaged.pth.tar'
+    damaged.write_bytes((root / 'run' / 'last.pth.tar').read_bytes())
+    flip_bytes(damaged)
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        torch.load(damaged, weights_only=True)  # torch itself notices nothing
+    message = re.escape(f"checkpoint '{damaged}' is damaged: its contents do not match the digest it was saved with")
+    with pytest.raises(ValueError, match=message):
+        script('train').main([*TRIANGLE, '--resume', str(damaged), '--epochs', '3', '--data-dir', data,
+                              '--output', str(tmp_path), '--experiment', 'r'])
+    assert not (tmp_path / 'r').exists()
+    with pytest.raises(ValueError, match=message):
+        script('validate').main(['--model', 'ait_small_patch32_64', '--checkpoint', str(damaged), '--data-dir', data,
+                                 '--num-samples', '8', '-j', '0'])
+    with pytest.raises(ValueError, match=message):
+        script('push_to_hub').main([str(damaged), '--local-dir', str(tmp_path / 'hub')])
+    assert not (tmp_path / 'hub').exists()
+    # the undamaged original loads
+    assert script('validate').main(['--model', 'ait_small_patch32_64', '--checkpoint', str(root / 'run' / 'last.pth.tar'),
+                                    '--data-dir', data, '--num-samples', '8', '-j', '0'])['num_samples'] == 8
+    import timm
+    with pytest.raises(ValueError, match='is damaged'):  # through the model's checkpoint_filter_fn
+        timm.create_model('ait_small_patch32_64', pretrained=True, pretrained_cfg_overlay=dict(file=str(damaged)),
+                          **{k: int(v) for k, v in (kv.split('=') for kv in TINY_KWARGS)})
+
+
+def test_validate_keeps_the_checkpoints_model_settings(trained, tmp_path):
+    root, data = trained
+    checkpoint = str(root / 'run' / 'last.pth.tar')
+    common = ['--model', 'ait_small_patch32_64', '--checkpoint', checkpoint, '--dataset', 'triangle', '--data-dir', data,
+              '--num-samples', '40', '-j', '0']
+    validate = script('validate')
+    # repeating one of the run's settings keeps all the others (the model is not rebuilt with defaults)
+    results = validate.main([*common, '--model-kwargs', 'embed_dim=32'])
+    final_top1 = float(read_summary(root / 'run' / 'summary.csv')[-1]['eval_top1'])
+    assert results['top1'] == pytest.approx(final_top1, abs=1e-3) and results['model'] == 'ait_small_patch32_64'
+    with pytest.raises(ValueError, match=r'model setting embed_dim: .*embed_dim=32.*--model-kwargs embed_dim=64'):
+        validate.main([*common, '--model-kwargs', 'embed_dim=64'])
+    with pytest.raises(ValueError, match=r"model setting model: .*--model 'ait_small_patch32_64'.*--model 'ait_base_"):
+        validate.main([*common[2:], '--model', 'ait_base_patch32_64'])
+
+
+def test_a_stuck_rank_ends_the_run_with_a_clear_message(tmp_path):
+    """Two ranks as torchrun starts them; rank 1 is stopped (SIGSTOP) once it has joined, as a hung rank."""
+    import signal
+    import socket
+    import threading
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    procs, logs = [], [[], []]
+    for rank in (0, 1):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+               'WORLD_SIZE': '2', 'RANK': str(rank), 'LOCAL_RANK': str(rank)}
+        procs.append(subprocess.Popen(
+            [sys.executable, TRAIN, *TRIANGLE, '--epochs', '1', '--dist-timeout', '4', '--data-dir',
+             str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'ddp'],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    joined = threading.Event()
+
+    def read(rank):
+        for line in procs[rank].stderr:
+            logs[rank].append(line)
+            if rank == 1 and 'Process 1 of 2' in line:
+                os.kill(procs[1].pid, signal.SIGSTOP)
+                joined.set()
+    readers = [threading.Thread(target=read, args=(r,), daemon=True) for r in (0, 1)]
+    for t in readers:
+        t.start()
+    try:
+        assert joined.wait(120), ''.join(logs[1])
+        start = __import__('time').time()
+        returncode = procs[0].wait(timeout=60)
+        waited = __import__('time').time() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    readers[0].join(5)
+    log = ''.join(logs[0])
+    assert returncode == 1, log
+    assert 'error: rank 0 of 2: another rank did not answer within the process group timeout (--dist-timeout)' \
+        in log, log
+    assert waited < 30, waited

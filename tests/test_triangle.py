@@ -154,9 +154,38 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(_cache.np, "savez_compressed", disk_full)
-    with pytest.raises(OSError, match="disk full"):
-        make(tmp_path)
+    with pytest.warns(UserWarning, match="cannot write the cache file .*disk full.*without caching it"):
+        dataset = make(tmp_path)
     assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    np.testing.assert_array_equal(dataset.images, make(tmp_path).images)  # the data is all there
+
+
+def test_a_read_only_data_folder_costs_the_cache_not_the_run(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(_cache.tempfile, "mkstemp", read_only)
+    with pytest.warns(UserWarning, match=r"cannot write the cache file .*PermissionError.*Permission denied"):
+        dataset = make(tmp_path)
+    assert len(dataset) == N and os.listdir(tmp_path) == []
+
+
+def test_a_killed_writers_temporary_file_is_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    path = _cache.cache_file(tmp_path, "triangle", "train", N, 0, triangle.FORMAT_VERSION)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process id that has exited
+    host = socket.gethostname()
+    left_over = tmp_path / f"{path.name}.{host}.{dead}.k1ll3d_0.tmp"   # what kill -9 during a write leaves
+    writing = tmp_path / f"{path.name}.{host}.{os.getpid()}.l1v3_000.tmp"  # a writer that still runs
+    for f in (left_over, writing):
+        f.write_bytes(b"partial")
+    make(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, writing.name])
 
 
 def test_items_work_with_timm_transforms_and_a_dataloader(tmp_path):

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import verify_digest
+
 __all__ = ['to_device', 'amp_context', 'evaluate', 'check_state_dict', 'load_training_checkpoint', 'model_state_dict',
-           'state_digest', 'check_checkpoint_arch']
+           'state_digest', 'check_checkpoint_arch', 'MODEL_SETTINGS', 'resolve_model_settings', 'model_build_kwargs']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -75,7 +77,9 @@ def evaluate(
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint written by the training script (or a bare state dict), with a clear error."""
+    """Read a checkpoint written by the training script (or a bare state dict), with a clear error.
+
+    A checkpoint that carries a digest (timm_ait.checkpoint) is refused if its contents do not match it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     try:
@@ -85,6 +89,7 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
         raise ValueError(f'checkpoint {path!r} cannot be read: {type(e).__name__}: {e}') from e
     if not isinstance(checkpoint, dict):
         raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict')
+    verify_digest(checkpoint, f'checkpoint {path!r}')
     return checkpoint
 
 
@@ -134,3 +139,59 @@ def check_checkpoint_arch(checkpoint: Dict[str, Any], model: nn.Module, what: st
     check = getattr(model, 'check_checkpoint_arch', None)
     if check is not None:
         check(checkpoint, what)
+
+
+# the training arguments that decide which model a checkpoint holds (train.py's flag names)
+MODEL_SETTINGS = ('model', 'model_kwargs', 'num_classes', 'img_size')
+
+
+def resolve_model_settings(saved: Dict[str, Any], requested: Dict[str, Any], what: str = 'the checkpoint') -> Dict[str, Any]:
+    """The model settings to rebuild a checkpoint's model with: its own, the command line's where it has none.
+
+    ``saved``: the training arguments stored in the checkpoint (``vars(checkpoint['args'])``), empty if
+    none. ``requested``: the settings the command line gave explicitly. A requested value that
+    contradicts a saved one (a different model, number of classes, image size, or any
+    ``--model-kwargs`` key other than the run's) is refused with a ValueError naming the setting.
+    """
+    settings = {key: saved.get(key) for key in MODEL_SETTINGS}
+    settings['model_kwargs'] = dict(saved.get('model_kwargs') or {})
+    if not saved:  # a bare state dict: the command line says what it is
+        settings.update({key: value for key, value in requested.items() if value is not None})
+        return settings
+    for key, value in requested.items():
+        if key == 'model_kwargs':
+            run_kwargs = settings['model_kwargs']
+            for name, v in value.items():
+                if name in run_kwargs and run_kwargs[name] == v:
+                    continue
+                trained = (f'{name}={run_kwargs[name]!r}' if name in run_kwargs
+                           else f'without {name} (its --model-kwargs: {_kwargs_text(run_kwargs)})')
+                raise ValueError(f'model setting {name}: {what} was trained {"with " if name in run_kwargs else ""}'
+                                 f'{trained}, but the command line asks --model-kwargs {name}={v!r}; a checkpoint '
+                                 'is rebuilt with its own settings, drop it from the command line')
+        elif value is not None and settings.get(key) is not None and settings[key] != value:
+            flag = '--' + key.replace('_', '-')
+            raise ValueError(f'model setting {key}: {what} was trained with {flag} {settings[key]!r}, but the command '
+                             f'line asks {flag} {value!r}; a checkpoint is rebuilt with its own settings, drop it from '
+                             'the command line')
+        elif value is not None:
+            settings[key] = value
+    return settings
+
+
+def _kwargs_text(kwargs: Dict[str, Any]) -> str:
+    return ' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'none'
+
+
+def model_build_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """``timm.create_model`` keyword arguments for model settings (see :func:`resolve_model_settings`)."""
+    import timm
+
+    kwargs = dict(settings.get('model_kwargs') or {})
+    if settings.get('num_classes') is not None:
+        kwargs['num_classes'] = settings['num_classes']
+    cfg = timm.get_pretrained_cfg(settings['model']) if settings.get('model') else None
+    if settings.get('img_size') is not None and cfg is not None and cfg.fixed_input_size:
+        # a fixed-size model (the flatten head) is built for the size the data has
+        kwargs['img_size'] = settings['img_size']
+    return kwargs

@@ -53,26 +53,35 @@ _MIXER_BLOCKS = {
 _ACCURACIES = {'top1': 'Top-1', 'relational_top1': 'Relational', 'non_relational_top1': 'Non-relational'}
 
 
-def read_summary(path: str) -> Dict[str, Any]:
+def read_summary(path: str, ema: bool = False) -> Dict[str, Any]:
     """The best and the final epoch of a run, from the summary.csv the training script writes.
 
     Returns ``best`` and ``final``, each ``{'epoch': int, 'top1': float, ...}`` with every
-    accuracy the run recorded (relational and non-relational ones for Sort-of-CLEVR), and
-    ``num_epochs``. The best epoch is the first with the highest eval top-1.
+    accuracy the run recorded (relational and non-relational ones for Sort-of-CLEVR), ``num_epochs``
+    (the final epoch + 1: a run resumed into a new folder records only its later epochs) and ``ema``.
+    The best epoch is the first with the highest eval top-1. ``ema``: the accuracies of the EMA
+    weights (the ``eval_ema_*`` columns). An epoch recorded twice (a run killed after its summary row
+    and before its checkpoint, then resumed) counts once, with its last row.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'run summary {path!r} does not exist')
     with open(path, newline='') as f:
         rows = list(csv.DictReader(f))
+    prefix = 'eval_ema_' if ema else 'eval_'
     if not rows or 'eval_top1' not in rows[0] or 'epoch' not in rows[0]:
         raise ValueError(f'{path!r} is not a training summary (no rows, or no epoch / eval_top1 column)')
-    columns = [key for key in _ACCURACIES if f'eval_{key}' in rows[0]]
+    if f'{prefix}top1' not in rows[0]:
+        raise ValueError(f'{path!r} has no accuracies of the EMA weights (no eval_ema_top1 column): the run was '
+                         'trained without --model-ema, so these are not the weights it evaluated')
+    columns = [key for key in _ACCURACIES if f'{prefix}{key}' in rows[0]]
+    rows = list({int(row['epoch']): row for row in rows}.values())  # the last row of each epoch
+    rows.sort(key=lambda row: int(row['epoch']))
 
     def epoch(row):
-        return dict(epoch=int(row['epoch']), **{key: float(row[f'eval_{key}']) for key in columns})
+        return dict(epoch=int(row['epoch']), **{key: float(row[f'{prefix}{key}']) for key in columns})
 
-    best = max(rows, key=lambda row: float(row['eval_top1']))  # max keeps the first of equals
-    return dict(best=epoch(best), final=epoch(rows[-1]), num_epochs=len(rows))
+    best = max(rows, key=lambda row: float(row[f'{prefix}top1']))  # max keeps the first of equals
+    return dict(best=epoch(best), final=epoch(rows[-1]), num_epochs=int(rows[-1]['epoch']) + 1, ema=ema)
 
 
 def read_validation(path: str) -> Dict[str, Any]:
@@ -107,8 +116,9 @@ def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Di
     lines = []
     if summary:
         columns = [key for key in _ACCURACIES if key in summary['final']]
+        weights = 'of the EMA weights ' if summary.get('ema') else ''
         lines += [
-            f"Training run, {summary['num_epochs']} epochs (eval accuracy from the run's summary.csv):",
+            f"Training run, {summary['num_epochs']} epochs (eval accuracy {weights}from the run's summary.csv):",
             '',
             '| | Epoch | ' + ' | '.join(f'{_ACCURACIES[key]} (%)' for key in columns) + ' |',
             '|---|---|' + '---|' * len(columns),

@@ -34,11 +34,15 @@ from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
 import timm_ait
-from timm_ait.engine import check_state_dict, load_training_checkpoint, model_state_dict
+from timm_ait.engine import (
+    check_state_dict, load_training_checkpoint, model_build_kwargs, model_state_dict, resolve_model_settings,
+)
 from timm_ait.hub import hf_hub_id
 from timm_ait.hub_card import read_summary, read_validation, render_model_card
 
 # the pretrained tag of the models' default cfgs for each training-script dataset
+# what a Hub folder written here holds (timm's save_for_hf and the card)
+HUB_FILES = ('README.md', 'config.json', 'model.safetensors')
 DATASET_TAGS = {'triangle': 'triangle', 'sort-of-clevr': 'sort_of_clevr', 'torch/cifar10': 'cifar10',
                 'torch/cifar100': 'cifar100', 'torch/oxford-pet': 'pet'}
 
@@ -56,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run's summary.csv (default: the one beside the checkpoint, if any)")
     parser.add_argument('--results-file', default=None, help='JSON written by validate.py --results-file')
     parser.add_argument('--local-dir', default=None, metavar='DIR', help='only write the Hub folder here')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing non-empty --local-dir')
+    parser.add_argument('--overwrite', action='store_true',
+                        help="replace the files of an earlier push_to_hub in --local-dir (a folder holding any "
+                             "other file is refused)")
     parser.add_argument('--token', default=None, help='Hub token (default: huggingface_hub.get_token())')
     parser.add_argument('--private', action='store_true', help='create the repo private')
     parser.add_argument('--commit-message', default=None)
@@ -66,16 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
 def build_model(checkpoint: dict, model_name: str, tag: str, use_ema: bool, what: str) -> torch.nn.Module:
     """The model as it was trained, with the checkpoint's weights checked and loaded."""
     train_args = vars(checkpoint.get('args') or argparse.Namespace())
-    kwargs = dict(train_args.get('model_kwargs') or {})
-    if train_args.get('num_classes') is not None:
-        kwargs['num_classes'] = train_args['num_classes']
+    settings = resolve_model_settings(train_args, dict(model=model_name), what)
     # the tag's pretrained cfg (classes, preprocessing, hf_hub_id) when the model has one for it
     name = f'{model_name}.{tag}' if tag and timm.list_pretrained(f'{model_name}.{tag}') else model_name
-    model = timm.create_model(name, **kwargs)
+    model = timm.create_model(name, **model_build_kwargs(settings))
     state_dict = model_state_dict(checkpoint, use_ema=use_ema)
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f'{what} holds non-finite values (NaN or inf) in {len(broken)} of its '
+                         f'{"EMA " if use_ema else ""}weight tensors ({", ".join(broken[:3])}'
+                         f'{", ..." if len(broken) > 3 else ""}): the run diverged; publish a checkpoint from '
+                         'before it did')
     check_state_dict(state_dict, model, what)
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def check_local_dir(folder: str, overwrite: bool) -> None:
+    """--local-dir must be new, empty, or (with --overwrite) hold only the files this script writes.
+
+    Nothing else in it is ever replaced or deleted: a run folder given by mistake keeps its checkpoints.
+    """
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise FileExistsError(f'--local-dir {folder!r} exists and is not a folder')
+    present = sorted(os.listdir(folder))
+    ours = set(HUB_FILES) | {f'{name}.tmp' for name in HUB_FILES}  # .tmp: an interrupted earlier copy
+    foreign = [name for name in present if name not in ours]
+    if foreign:
+        raise FileExistsError(f'--local-dir {folder!r} holds files push_to_hub did not write ({", ".join(foreign[:5])}'
+                              f'{", ..." if len(foreign) > 5 else ""}); give a new or empty folder (--overwrite only '
+                              f'replaces {", ".join(HUB_FILES)})')
+    if present and not overwrite:
+        raise FileExistsError(f'--local-dir {folder!r} holds an earlier Hub folder ({", ".join(present)}); pass '
+                              '--overwrite to replace it')
 
 
 def write_hub_folder(model, folder: str, repo_id: str, dataset: str, data_config: dict,
@@ -127,10 +158,7 @@ def main(argv=None) -> str:
 
     token = None
     if args.local_dir:
-        if os.path.exists(args.local_dir) and (not os.path.isdir(args.local_dir) or os.listdir(args.local_dir)):
-            if not args.overwrite:
-                raise FileExistsError(f'--local-dir {args.local_dir!r} exists and is not empty; pass --overwrite '
-                                      'to replace it')
+        check_local_dir(args.local_dir, args.overwrite)
     else:
         token = args.token or get_token()
         if not token:
@@ -138,20 +166,25 @@ def main(argv=None) -> str:
 
     model = build_model(checkpoint, model_name, tag, args.use_ema, f'checkpoint {args.checkpoint!r}')
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), 'summary.csv')
-    summary = read_summary(summary_path) if args.summary or os.path.isfile(summary_path) else None
+    summary = read_summary(summary_path, ema=args.use_ema) if args.summary or os.path.isfile(summary_path) else None
     validation = read_validation(args.results_file) if args.results_file else None
+    if validation is not None and validation.get('use_ema', args.use_ema) != args.use_ema:
+        measured = 'EMA' if validation['use_ema'] else 'plain (non-EMA)'
+        raise ValueError(f'--results-file {args.results_file!r} was measured on the {measured} weights, but '
+                         f'{"--use-ema publishes the EMA" if args.use_ema else "these are the plain"} weights; '
+                         f'validate them with{"" if args.use_ema else "out"} --use-ema')
     # the preprocessing the weights were trained with (training flags over the model's cfg)
     data_config = resolve_data_config(train_args, model=model)
 
     with tempfile.TemporaryDirectory() as folder:
         write_hub_folder(model, folder, repo_id, dataset, data_config, summary, validation)
         if args.local_dir:
-            if os.path.isdir(args.local_dir) and not os.path.islink(args.local_dir):
-                shutil.rmtree(args.local_dir)
-            elif os.path.lexists(args.local_dir):
-                os.remove(args.local_dir)
-            shutil.copytree(folder, args.local_dir)
-            print(f'Wrote {sorted(os.listdir(args.local_dir))} to {args.local_dir}')
+            os.makedirs(args.local_dir, exist_ok=True)
+            for name in sorted(os.listdir(folder)):  # replace only the files written here, each atomically
+                target = os.path.join(args.local_dir, name)
+                shutil.copyfile(os.path.join(folder, name), target + '.tmp')
+                os.replace(target + '.tmp', target)
+            print(f'Wrote {sorted(os.listdir(folder))} to {args.local_dir}')
             return args.local_dir
         api = connect(token)
         repo_id = api.create_repo(repo_id, private=args.private, exist_ok=True).repo_id

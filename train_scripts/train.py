@@ -8,17 +8,25 @@
 The loss is cross-entropy plus ``--balance-loss-coef`` times the bottleneck attention balance loss
 (timm_ait.task.AiTClassificationTask). Each epoch's metrics, the balance loss among them, go to
 summary.csv in the output folder beside timm's columns; checkpoints are written by timm's
-CheckpointSaver (atomically: a file is complete or absent). Every random draw of an epoch (data
-order, augmentation, dropout) is seeded by (--seed, epoch, rank), so a resumed run continues as the
-uninterrupted one would.
+CheckpointSaver (atomically: a file is complete or absent), each with a digest of its contents that a
+resume checks. Every random draw of an epoch (data order, augmentation, dropout) is seeded by
+(--seed, epoch, rank), so a resumed run continues as the uninterrupted one would. A resume takes the
+run's settings from its checkpoint; the command line may change how the run continues (--epochs,
+the data folder, logging, ...) but not the model or the resumed optimizer's settings.
+
+The run stops, leaving its checkpoints as they are, at the first non-finite training loss; a
+distributed run stops when a rank does not answer for --dist-timeout seconds.
 """
 import argparse
+import csv
 import logging
+import math
 import os
+import re
 import sys
 import time
 from collections import OrderedDict
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import torch
 import yaml
@@ -29,19 +37,35 @@ from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, ParseKwargs, dispatch_clip_grad,
-    init_distributed_device, is_primary, random_seed, reduce_tensor, setup_default_logging, update_summary,
+    AverageMeter, ModelEmaV3, NativeScaler, ParseKwargs, dispatch_clip_grad, init_distributed_device, is_primary,
+    random_seed, reduce_tensor, setup_default_logging, update_summary,
 )
+from timm.utils.distributed import is_distributed_env, world_info_from_env
 
 import timm_ait
 from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_needs_no_aug
+from timm_ait.checkpoint import DigestCheckpointSaver
 from timm_ait.engine import (
-    amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict, state_digest, to_device,
+    MODEL_SETTINGS, amp_context, check_state_dict, evaluate, load_training_checkpoint, model_build_kwargs,
+    check_checkpoint_arch, model_state_dict, resolve_model_settings, state_digest, to_device,
 )
-from timm_ait.engine import check_checkpoint_arch
 from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF, AiTClassificationTask
 
 _logger = logging.getLogger('train')
+
+# flags that say how this invocation runs, not what the run computes: a resume never takes them from
+# the checkpoint, and they may differ from it
+PER_INVOCATION = ('config', 'resume', 'no_resume_opt', 'initial_checkpoint', 'pretrained', 'experiment', 'output',
+                  'device', 'dist_backend', 'dist_timeout', 'workers', 'pin_mem', 'log_interval', 'dataset_download',
+                  'torchcompile')
+# what a resumed optimizer state fixes (timm's schedule starts from the state's initial_lr)
+OPTIMIZER_SETTINGS = ('opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas')
+# the files of a run folder that hold a complete checkpoint (tmp.pth.tar is one being written)
+CHECKPOINT_FILE = re.compile(r'^(last|model_best|checkpoint-\d+)\.pth\.tar$')
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss (or weights): the run stops, its checkpoints untouched."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,30 +151,89 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--amp-dtype', default='float16', help='float16 or bfloat16')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     group.add_argument('--dist-backend', default=None, help='default: nccl on CUDA, gloo on CPU')
+    group.add_argument('--dist-timeout', type=float, default=None, metavar='SECONDS',
+                       help='stop a distributed run when a rank does not answer for this long (default: '
+                            "torch's, 30 minutes for gloo, 10 for nccl)")
     group.add_argument('--output', default='./output/train', metavar='DIR')
     group.add_argument('--experiment', default='', help='name of the run folder under --output')
     group.add_argument('--eval-metric', default='top1')
     return parser
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def _read_config(parser, argv):
+    """The YAML config named by -c (a dict of flag names), and the other arguments."""
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
     known, remaining = config_parser.parse_known_args(argv)
+    cfg = {}
     if known.config:
         if not os.path.isfile(known.config):
             parser.error(f'config file {known.config!r} does not exist')
-        with open(known.config) as f:
-            cfg = yaml.safe_load(f) or {}
+        try:
+            with open(known.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, 'problem_mark', None)
+            parser.error(f'config {known.config!r} is not valid YAML'
+                         + (f' (line {where.line + 1}, column {where.column + 1}: {e.problem})' if where else f': {e}'))
+        if not isinstance(cfg, dict):
+            parser.error(f'config {known.config!r} must be a mapping of flag names to values, got a '
+                         f'{type(cfg).__name__}')
         dests = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - dests)
         if unknown:
             parser.error(f'config {known.config!r} has unknown keys {unknown}; keys are flag names with underscores')
-        parser.set_defaults(**cfg)
+    return known.config, cfg, remaining
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    config, cfg, remaining = _read_config(parser, argv)
+    parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
-    args.config = known.config
+    args.config = config
     return args
+
+
+def given_args(argv=None) -> set:
+    """The flags the command line or the -c config set (as opposed to parser defaults)."""
+    parser = build_parser()
+    unset = object()
+    parser.set_defaults(**{a.dest: unset for a in parser._actions if a.dest != 'help'})
+    _, cfg, remaining = _read_config(parser, argv)
+    args = parser.parse_args(remaining)
+    return {k for k, v in vars(args).items() if v is not unset} | set(cfg)
+
+
+def apply_checkpoint_settings(args, given: set, checkpoint: dict) -> None:
+    """A resumed run continues with the settings it was trained with (the checkpoint's args).
+
+    A flag not given is taken from the checkpoint. A given one that differs is refused, naming it, if
+    it would change the model (or, with the optimizer state resumed, an optimizer setting that state
+    fixes); other differences (--epochs, -b, the schedule, ...) are honoured and logged.
+    """
+    saved = vars(checkpoint.get('args') or argparse.Namespace())
+    if not saved:
+        return  # a checkpoint of another tool: the command line says what it is (check_state_dict guards)
+    what = f'--resume {args.resume!r}'
+    requested = {k: getattr(args, k) for k in MODEL_SETTINGS if k in given}
+    for key, value in resolve_model_settings(saved, requested, what).items():
+        setattr(args, key, value)
+    changed = []
+    for key in sorted({a.dest for a in build_parser()._actions} - set(PER_INVOCATION) - set(MODEL_SETTINGS)):
+        if key not in saved or key == 'help':
+            continue
+        if key not in given:
+            setattr(args, key, saved[key])
+        elif getattr(args, key) != saved[key]:
+            if key in OPTIMIZER_SETTINGS and not args.no_resume_opt:
+                flag = '--' + key.replace('_', '-')
+                raise ValueError(f'optimizer setting {key}: {what} was trained with {flag} {saved[key]!r}, and its '
+                                 f'optimizer state keeps it; the command line asks {flag} {getattr(args, key)!r}. '
+                                 'Drop it, or pass --no-resume-opt to start a fresh optimizer with it')
+            changed.append(f'{key} {saved[key]!r} -> {getattr(args, key)!r}')
+    if changed and int(os.environ.get('RANK', 0)) == 0:  # before the process group: the launcher's rank
+        _logger.info(f'Resuming with changed settings: {", ".join(changed)}')
 
 
 def check_args(args) -> None:
@@ -162,37 +245,122 @@ def check_args(args) -> None:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
     if args.grad_accum_steps < 1:
         raise ValueError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    if args.epochs < 1:
+        raise ValueError(f'--epochs must be >= 1, got {args.epochs}')
+    if args.batch_size < 1:
+        raise ValueError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
+    if args.dist_timeout is not None and not args.dist_timeout > 0:
+        raise ValueError(f'--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}')
     for name in ('resume', 'initial_checkpoint'):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f'--{name.replace("_", "-")} {path!r} does not exist')
 
 
-def resolve_output_dir(args) -> str:
-    """The run folder. An existing folder with checkpoints is only reused to resume from it."""
+def checkpoint_files(folder: str) -> list:
+    """The complete checkpoints in a run folder (not a tmp.pth.tar that a killed save left)."""
+    return sorted(f for f in os.listdir(folder) if CHECKPOINT_FILE.match(f)) if os.path.isdir(folder) else []
+
+
+def latest_epoch(folder: str) -> int:
+    """The epoch of the newest checkpoint in a run folder: last.pth.tar's or the highest checkpoint-N."""
+    epochs = [int(m.group(1)) for f in checkpoint_files(folder) if (m := re.match(r'checkpoint-(\d+)\.', f))]
+    last = os.path.join(folder, 'last.pth.tar')
+    if os.path.isfile(last):
+        try:  # only its 'epoch' entry: memory-mapped, the tensors are not read
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                epochs.append(int(torch.load(last, map_location='cpu', weights_only=True, mmap=True)['epoch']))
+        except Exception:  # unreadable: the numbered checkpoints still say how far the run got
+            pass
+    return max(epochs, default=-1)
+
+
+def resolve_output_dir(args, resume_state=None) -> str:
+    """The run folder. A folder with checkpoints is only reused to resume its newest one.
+
+    Another run, or a resume of an older checkpoint, would rewrite its checkpoints: that is refused.
+    A folder without a complete checkpoint (the first save was killed) holds nothing to resume, so
+    the run starts (again) there.
+    """
     if args.resume and not args.experiment:
-        return os.path.dirname(os.path.abspath(args.resume))
-    name = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), args.dataset.replace('/', '_')])
-    out = os.path.join(args.output, name)
+        out = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), args.dataset.replace('/', '_')])
+        out = os.path.join(args.output, name)
+    existing = checkpoint_files(out)
+    if not existing:
+        return out
     resuming_here = args.resume and os.path.dirname(os.path.abspath(args.resume)) == os.path.abspath(out)
-    if os.path.isdir(out) and not resuming_here and any(f.endswith('.pth.tar') for f in os.listdir(out)):
+    if not resuming_here:
         raise FileExistsError(f'{out!r} already holds checkpoints; choose another --experiment, or --resume from '
                               'one of them')
+    epoch, newest = resume_state.get('epoch', -1), latest_epoch(out)
+    if epoch < newest:
+        raise FileExistsError(f'--resume {args.resume!r} is epoch {epoch}, but {out!r} holds checkpoints up to epoch '
+                              f'{newest}: resuming it there would overwrite them; continue it in a new folder with '
+                              '--experiment NAME')
     return out
 
 
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the summary rows of epochs from ``start_epoch`` on: no checkpoint holds their work (a run
+    killed between its summary row and its checkpoint), and the run is about to redo them."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    keep = [row for row in rows if int(row['epoch']) < start_epoch]
+    if len(keep) == len(rows):
+        return
+    _logger.warning(f'{path}: dropping the rows of epochs {[r["epoch"] for r in rows if r not in keep]}, which no '
+                    'checkpoint holds (an interrupted run); they are trained again')
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        if keep:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(keep)
+    os.replace(tmp, path)
+
+
+def write_args(args, output_dir: str) -> None:
+    """args.yaml of the run, written atomically."""
+    path = os.path.join(output_dir, 'args.yaml')
+    with open(path + '.tmp', 'w') as f:
+        yaml.safe_dump({k: v for k, v in vars(args).items() if k != 'device'}, f)
+    os.replace(path + '.tmp', path)
+
+
+def init_distributed(args) -> torch.device:
+    """timm's init_distributed_device, with --dist-timeout given to the process group.
+
+    timm's helper takes no timeout, so under torchrun (or SLURM) this does what it does (env://
+    rendezvous, nccl on CUDA and gloo otherwise, one device per local rank) with the timeout.
+    """
+    if not is_distributed_env():
+        return init_distributed_device(args)
+    local_rank, rank, world_size = world_info_from_env()
+    os.environ.update(LOCAL_RANK=str(local_rank), RANK=str(rank), WORLD_SIZE=str(world_size))  # SLURM's too
+    device_type = str(args.device).split(':')[0]
+    backend = args.dist_backend or ('nccl' if device_type == 'cuda' else 'gloo')
+    timeout = timedelta(seconds=args.dist_timeout) if args.dist_timeout else None
+    torch.distributed.init_process_group(backend=backend, init_method='env://', timeout=timeout)
+    args.distributed, args.world_size = True, torch.distributed.get_world_size()
+    args.rank, args.local_rank = torch.distributed.get_rank(), local_rank
+    if device_type != 'cpu':
+        args.device = f'{device_type}:{local_rank}'
+        if device_type == 'cuda':
+            torch.cuda.set_device(args.device)
+    return torch.device(args.device)
+
+
 def create_task_model(args, device):
-    kwargs = dict(args.model_kwargs)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
+    kwargs = model_build_kwargs(vars(args))
     if args.drop_path is not None:
         kwargs['drop_path_rate'] = args.drop_path
     if args.drop:
         kwargs['drop_rate'] = args.drop
-    if args.img_size is not None and timm.get_pretrained_cfg(args.model).fixed_input_size:
-        # a fixed-size model (the flatten head) is built for the size the data will have
-        kwargs['img_size'] = args.img_size
     model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.initial_checkpoint:
         checkpoint = load_training_checkpoint(args.initial_checkpoint)
@@ -208,7 +376,7 @@ def create_task_model(args, device):
 def build_loaders(args, model, device):
     data_config = resolve_data_config(vars(args), model=model, verbose=is_primary(args))
     common = dict(root=args.data_dir, download=args.dataset_download, seed=args.seed,
-                  questions=args.sort_of_clevr_questions, progress=is_primary(args))
+                  questions=args.sort_of_clevr_questions, progress=is_primary(args), train_split=args.train_split)
     # generate (and cache) once, on the first rank, before the others read the cache
     if args.distributed and not is_primary(args):
         torch.distributed.barrier()
@@ -242,6 +410,11 @@ def build_loaders(args, model, device):
         train_set, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=no_aug, re_prob=args.reprob, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
         color_jitter=args.color_jitter, auto_augment=args.aa, collate_fn=collate_fn, **loader_args)
+    if len(train_loader) == 0:  # the training loader drops the last partial batch
+        per_process = (len(train_set) + args.world_size - 1) // args.world_size
+        raise ValueError(f'the training set has {len(train_set)} samples ({per_process} per process), fewer than '
+                         f'one batch (-b {args.batch_size}): an epoch would have no step; pass -b {per_process} '
+                         'or less, or a larger training set')
     # every rank evaluates the whole set, so no padding or reduction is needed and all agree
     val_loader = create_loader(
         val_set, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
@@ -272,6 +445,18 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
         with (task.no_sync() if not sync else torch.enable_grad()):
             with autocast():
                 result = task(input, target)
+            # before the step: a non-finite loss must not reach the weights. Averaged over ranks, so
+            # every rank sees the NaN of any and all stop together
+            values = {k: result[k].detach() for k in meters}
+            if args.distributed:
+                values = {k: reduce_tensor(v, args.world_size) for k, v in values.items()}
+            values = {k: v.item() for k, v in values.items()}
+            if not math.isfinite(values['loss']):
+                raise NonFiniteLossError(
+                    f'the training loss is {values["loss"]} at epoch {epoch}, batch {batch_idx + 1}/{num_batches} '
+                    f'(task loss {values["task_loss"]}, balance loss {values["balance_loss"]}): training diverged '
+                    '(a learning rate too high? non-finite input?); stopping with the checkpoints of the last '
+                    'finished epoch as they were')
             loss = result['loss'] / accum
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -292,10 +477,7 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
 
         n = target.shape[0]
         for k, meter in meters.items():
-            value = result[k].detach()
-            if args.distributed:
-                value = reduce_tensor(value, args.world_size)
-            meter.update(value.item(), n)
+            meter.update(values[k], n)
         batch_time.update(time.time() - end)
         end = time.time()
         if is_primary(args) and (batch_idx % args.log_interval == 0 or last):
@@ -308,15 +490,34 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     return OrderedDict((k, m.avg) for k, m in meters.items())
 
 
+def check_finite(model, what: str) -> None:
+    """A NonFiniteLossError if any weight or buffer of ``model`` is NaN or inf (nothing is saved then)."""
+    broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise NonFiniteLossError(f'{what} hold non-finite values ({", ".join(broken[:3])}'
+                                 f'{", ..." if len(broken) > 3 else ""}): training diverged; stopping with the '
+                                 'checkpoints of the last finished epoch as they were')
+
+
 def main(argv=None):
     setup_default_logging()
     args = parse_args(argv)
     check_args(args)
-    device = init_distributed_device(args)
-    output_dir = resolve_output_dir(args)
-    resume_state = load_training_checkpoint(args.resume) if args.resume else None
+    resume_state = None
+    if args.resume:  # the run's own settings, before anything is built from them
+        resume_state = load_training_checkpoint(args.resume)
+        if 'optimizer' not in resume_state and not args.no_resume_opt:
+            raise ValueError(f'--resume {args.resume!r} holds no optimizer state (not a training checkpoint?); '
+                             'start from its weights with --initial-checkpoint, or pass --no-resume-opt')
+        apply_checkpoint_settings(args, given_args(argv), resume_state)
+        check_args(args)
+        if resume_state.get('epoch', -1) + 1 >= args.epochs:
+            raise ValueError(f'--resume {args.resume!r} has finished epoch {resume_state.get("epoch")} of '
+                             f'--epochs {args.epochs}: nothing is left to train; pass a larger --epochs to go on')
+    device = init_distributed(args)
+    output_dir = resolve_output_dir(args, resume_state)
     if args.distributed:
-        _logger.info(f'Process {args.rank} of {args.world_size} on {device}.')
+        _logger.info(f'Process {args.rank} of {args.world_size} on {device} (pid {os.getpid()}).')
     random_seed(args.seed, 0)  # the same initial weights and memory on every rank
     model = create_task_model(args, device)
     random_seed(args.seed, args.rank)
@@ -365,17 +566,18 @@ def main(argv=None):
     saver = None
     if is_primary(args):
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump({k: v for k, v in vars(args).items() if k != 'device'}, f)
-        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
-                                amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+        write_args(args, output_dir)
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        saver = DigestCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
+                                      amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
         if resume_state is not None and 'saver' in resume_state and os.path.dirname(
                 os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict(resume_state['saver'])
         _logger.info(f'Training {args.model} on {args.dataset} for {num_epochs} epochs, writing to {output_dir}')
 
     eval_metrics = {}
+    skipped_writes = 0
     for epoch in range(start_epoch, num_epochs):
         random_seed(args.seed + epoch, args.rank)  # the epoch's randomness depends only on (seed, epoch, rank)
         if hasattr(train_loader.sampler, 'set_epoch'):
@@ -384,6 +586,15 @@ def main(argv=None):
             timm_ait.reset_memory(model)
         train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, scheduler, args, device, autocast,
                                         loss_scaler, model_ema, mixup_fn)
+        check_finite(model, f'the weights after epoch {epoch}')
+        if model_ema is not None:
+            check_finite(model_ema.module, f'the EMA weights after epoch {epoch}')
+        if not skipped_writes and timm_ait.skipped_memory_writes(model):  # said once; the count goes on
+            skipped_writes = timm_ait.skipped_memory_writes(model)
+            if is_primary(args):
+                _logger.warning(f'epoch {epoch}: {skipped_writes} memory write(s) held NaN or inf and were skipped '
+                                '(the memory keeps its last finite value); timm_ait.skipped_memory_writes(model) '
+                                'counts them')
         eval_metrics = evaluate(model, val_loader, device, autocast, relational)
         if model_ema is not None:
             for k, v in evaluate(model_ema.module, val_loader, device, autocast, relational).items():
@@ -408,9 +619,32 @@ def main(argv=None):
     return eval_metrics
 
 
+def stuck_rank_message(error: RuntimeError):
+    """What to say when a collective failed because another rank is stuck or died (gloo's and nccl's own
+    errors say little), or None when ``error`` is something else."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    text = str(error)
+    if not re.search(r'[Tt]imed out|[Tt]imeout|pair closure|Connection (reset|closed)|[Bb]roken pipe', text):
+        return None
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return (f'rank {rank} of {world}: another rank did not answer within the process group timeout '
+            f'(--dist-timeout): it is stuck or died; stopping the run ({text.strip().splitlines()[0][:200]})')
+
+
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad requests; OSError: missing or existing files, a failed download
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:
+        stuck = stuck_rank_message(e)
+        if stuck is None:
+            raise
+        sys.stdout.flush()
+        print(f'error: {stuck}', file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: the process group's teardown would wait for the stuck rank

@@ -22,8 +22,10 @@ from timm.utils import ParseKwargs, setup_default_logging
 
 import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
-from timm_ait.engine import amp_context, check_state_dict, evaluate, load_training_checkpoint, model_state_dict
-from timm_ait.engine import check_checkpoint_arch
+from timm_ait.engine import (
+    amp_context, check_state_dict, evaluate, load_training_checkpoint, model_build_kwargs, model_state_dict,
+    check_checkpoint_arch, resolve_model_settings,
+)
 
 _logger = logging.getLogger('validate')
 
@@ -31,7 +33,7 @@ _logger = logging.getLogger('validate')
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='timm-ait validation',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--model', required=True)
+    parser.add_argument('--model', default=None, help="timm model name (default: the checkpoint's)")
     parser.add_argument('--checkpoint', default='', metavar='PATH', help='training checkpoint or state dict')
     parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
     parser.add_argument('--pretrained', action='store_true', help='published weights (Hugging Face Hub)')
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--dataset', '-d', default='triangle', help=f'one of {list(DATASETS)}')
     parser.add_argument('--data-dir', default=None)
     parser.add_argument('--split', default='validation')
+    parser.add_argument('--train-split', default=None,
+                        help="an image folder's training split, whose class folders number the classes "
+                             "(default: the checkpoint's, else train)")
     parser.add_argument('--dataset-download', action='store_true')
     parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
     parser.add_argument('--seed', type=int, default=42, help='seed of a generated dataset (as in training)')
@@ -55,23 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_model(args) -> torch.nn.Module:
-    if not timm.is_model(args.model):
-        raise ValueError(f'unknown model {args.model!r}')
+    """The model to validate: a checkpoint's is rebuilt with the settings it was trained with (its
+    training args); the command line may repeat them but not contradict them."""
     if args.checkpoint and args.pretrained:
         raise ValueError('give either --checkpoint or --pretrained, not both')
     if args.dataset not in DATASETS:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
-    kwargs = dict(args.model_kwargs)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
     checkpoint = load_training_checkpoint(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None and 'args' in checkpoint and not args.model_kwargs:
-        # rebuild the model as it was trained (ablations and sizes live in the training args)
-        kwargs = {**vars(checkpoint['args']).get('model_kwargs', {}), **kwargs}
-        trained_classes = vars(checkpoint['args']).get('num_classes')
-        if trained_classes is not None:
-            kwargs.setdefault('num_classes', trained_classes)
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    train_args = vars(checkpoint.get('args') or argparse.Namespace()) if checkpoint is not None else {}
+    requested = dict(model=args.model, model_kwargs=dict(args.model_kwargs), num_classes=args.num_classes)
+    settings = resolve_model_settings(train_args, requested, f'checkpoint {args.checkpoint!r}')
+    args.model = settings['model']
+    if not args.model:
+        raise ValueError('--model is needed (the checkpoint records no training args)')
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown model {args.model!r}')
+    if args.train_split is None:
+        args.train_split = train_args.get('train_split') or 'train'
+    model = timm.create_model(args.model, pretrained=args.pretrained, **model_build_kwargs(settings))
     if checkpoint is not None:
         state_dict = model_state_dict(checkpoint, use_ema=args.use_ema)
         check_state_dict(state_dict, model, f'checkpoint {args.checkpoint!r}')
@@ -86,7 +92,7 @@ def validate(args) -> dict:
     data_config = resolve_data_config(vars(args), model=model)
     dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
                                  num_samples=args.num_samples, seed=args.seed,
-                                 questions=args.sort_of_clevr_questions)
+                                 questions=args.sort_of_clevr_questions, train_split=args.train_split)
     check_num_classes(model, dataset, args.dataset)
     two_inputs = args.dataset == 'sort-of-clevr'
     loader = create_loader(
@@ -98,7 +104,8 @@ def validate(args) -> dict:
     metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
                        getattr(dataset, 'is_relational', None))
     results = dict(
-        model=args.model, checkpoint=args.checkpoint or None, pretrained=args.pretrained, dataset=args.dataset,
+        model=args.model, checkpoint=args.checkpoint or None, use_ema=args.use_ema, pretrained=args.pretrained,
+        dataset=args.dataset,
         split=args.split, num_samples=len(dataset),
         **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}),
         **({'questions': args.sort_of_clevr_questions} if two_inputs else {}), batch_size=args.batch_size,
@@ -125,6 +132,6 @@ def main(argv=None) -> dict:
 if __name__ == '__main__':
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, a failed download
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -7,11 +7,16 @@ version), so a later run with the same arguments loads it instead of generating 
 The file also records that metadata and a CRC-32 of every array. Writes go to a temporary
 file that is renamed into place, so a killed run never leaves a half-written cache behind;
 a cache file that cannot be read, or whose metadata or checksums do not match, is reported
-with a warning and rebuilt rather than used.
+with a warning and rebuilt rather than used. The temporary file is named after its writer (host
+and process id), so the one a killed writer left is recognised and removed by the next load. A
+folder the cache cannot be written to (read-only) costs the cache, with a warning, not the run.
 """
+import glob
 import json
 import os
+import socket
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -109,11 +114,49 @@ def _load_checked(path: Path, meta: Dict[str, Any]) -> Arrays:
     return arrays
 
 
+def _tmp_prefix(path: Path, host: str, pid: int) -> str:
+    return f"{path.name}.{host}.{pid}."
+
+
+def _writer_is_gone(tmp: Path, path: Path) -> bool:
+    """Whether the temporary file ``tmp`` of ``path`` was left by a writer that no longer runs.
+
+    Ours are ``<name>.<host>.<pid>.<random>.tmp``: a dead process on this host left it. Files of
+    other hosts (a shared folder) or of older versions are only taken as left over when nothing has
+    written to them for an hour.
+    """
+    head, _, _ = tmp.name[len(path.name) + 1:].rpartition(".")  # host.pid.random
+    host, _, pid = head.rpartition(".")[0].rpartition(".")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, owned by someone else
+            return False
+        return False
+    try:
+        return time.time() - tmp.stat().st_mtime > 3600
+    except OSError:
+        return False
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files that killed writes of ``path`` left behind."""
+    for tmp in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+        if _writer_is_gone(tmp, path):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
 def _save_atomic(path: Path, arrays: Arrays, meta: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = json.dumps(_describe(arrays, meta))
     # The temporary file lives beside the target so that os.replace is an atomic rename.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path, socket.gethostname(), os.getpid()),
+                                    suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays, **{_META_KEY: np.array(record)})
@@ -133,6 +176,8 @@ def load_or_generate(path: Path, generate: Callable[[], Arrays], meta: Dict[str,
     ``meta`` (JSON-serialisable) must equal what the file recorded when it was written; any
     mismatch, unreadable file or checksum failure triggers a warning and a rebuild.
     """
+    if path.parent.is_dir():
+        _remove_leftovers(path)
     if path.exists():
         try:
             return _load_checked(path, meta)
@@ -140,5 +185,9 @@ def load_or_generate(path: Path, generate: Callable[[], Arrays], meta: Dict[str,
             warnings.warn(f"ignoring unusable cache file {path} ({type(err).__name__}: {err}); "
                           "regenerating it", stacklevel=3)
     arrays = generate()
-    _save_atomic(path, arrays, meta)
+    try:
+        _save_atomic(path, arrays, meta)
+    except OSError as err:  # a read-only or full data folder: the data is there, only the cache is not
+        warnings.warn(f"cannot write the cache file {path} ({type(err).__name__}: {err}); using the generated "
+                      "data without caching it", stacklevel=3)
     return arrays

@@ -1,11 +1,12 @@
 """One entry point for every dataset the training and validation scripts accept."""
 import os
-from typing import Optional
+import warnings
+from typing import Dict, Optional
 
 from torch.utils.data import Dataset, Subset
 
 __all__ = ['DATASETS', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug', 'dataset_is_generated',
-           'dataset_num_classes', 'check_num_classes']
+           'dataset_num_classes', 'check_num_classes', 'folder_class_map']
 
 # name -> what it is; generated datasets need no data directory
 DATASETS = {
@@ -87,12 +88,14 @@ def create_ait_dataset(
         seed: int = 0,
         questions: str = 'all',
         progress: bool = True,
+        train_split: str = 'train',
 ) -> Dataset:
     """Build the dataset ``name`` for ``split`` ('train'/'training' or anything else for the test set).
 
     ``num_samples`` sets the size of a generated dataset (images for Sort-of-CLEVR) and takes the
     first ``num_samples`` items of the others. Raises a clear error for an unknown name or a
-    missing data directory before anything is read.
+    missing data directory before anything is read. An image folder's classes are numbered from the
+    class folders of ``train_split``, for every split, so labels mean the same class in all of them.
     """
     _check_name(name)
     train = is_train_split(split)
@@ -120,13 +123,47 @@ def create_ait_dataset(
             split_dir = os.path.join(root, split)
             if not os.path.isdir(split_dir):
                 raise FileNotFoundError(f'image folder dataset: no directory {split_dir!r} for split {split!r}')
-            dataset = create_dataset('', root=split_dir, is_training=train)
+            dataset = create_dataset('', root=split_dir, is_training=train,
+                                     class_map=folder_class_map(root, split, train_split))
     except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted', timm's 'Found 0 images'
         hint = ' (add --dataset-download to fetch it)' if name.startswith('torch/') else ''
         raise FileNotFoundError(f'dataset {name!r} not found under {root!r}: {e}{hint}') from e
+    except OSError as e:  # no network, a refused connection, a folder it cannot write
+        if not (download and name.startswith('torch/')):
+            raise
+        raise ConnectionError(f'cannot download dataset {name!r} into {root!r} ({type(e).__name__}: {e}); check '
+                              'the network and the folder, or put the files there and drop --dataset-download') from e
     if num_samples is not None and num_samples < len(dataset):
         dataset = _TransformableSubset(dataset, range(num_samples))
     return dataset
+
+
+def folder_class_map(root: str, split: str, train_split: str = 'train') -> Optional[Dict[str, int]]:
+    """Class name -> label for the image folder ``root/split``, numbered as in ``root/train_split``.
+
+    timm numbers the class folders of each folder it reads by themselves, so a validation folder
+    missing a class would shift every later label. Here every split takes the training split's
+    numbering; a class folder the training split does not have is an error. Without a training
+    split on disk the split numbers its own folders, with a warning.
+    """
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    split_dir, train_dir = os.path.join(root, split), os.path.join(root, train_split)
+    if split == train_split:
+        return None  # timm numbers the training split's own folders: that is the numbering
+    if not os.path.isdir(train_dir):
+        warnings.warn(f'image folder dataset: no training split {train_dir!r} to number the classes by; the classes '
+                      f'of {split_dir!r} are numbered by its own folders, which matches training only if it has '
+                      'every class (pass the training split name)')
+        return None
+    _, class_to_idx = find_images_and_targets(train_dir)
+    _, own = find_images_and_targets(split_dir)
+    unknown = sorted(set(own) - set(class_to_idx))
+    if unknown:  # timm would drop their images without a word
+        raise ValueError(f'image folder dataset: {split_dir!r} has class folders that the training split '
+                         f'{train_dir!r} does not have: {unknown[:10]}; expected a subset of '
+                         f'{sorted(class_to_idx)[:10]}{" ..." if len(class_to_idx) > 10 else ""}')
+    return class_to_idx
 
 
 class _TransformableSubset(Subset):

@@ -51,7 +51,7 @@ class BottleneckGates:
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     """Squared coefficient of variation over the last dim, ``Var(x) / (mean(x)^2 + eps)``."""
     x = x.float()
-    if x.shape[-1] == 1:
+    if x.shape[-1] <= 1:  # one value (or none, an empty batch) does not vary
         return x.new_zeros(x.shape[:-1])
     return x.var(dim=-1) / (x.mean(dim=-1) ** 2 + eps)
 

@@ -103,9 +103,10 @@ class GlobalWorkspaceLayer(nn.Module):
         if self.training:
             memory = self.memory.read()
             # squash: the patches of all samples compete together for the bottleneck
-            out, gates = self.write_attn(memory, h.reshape(-1, h.shape[-1]))
+            patches = h.reshape(-1, h.shape[-1])
+            out, gates = self.write_attn(memory, patches)
             candidate = self.write_norm(self.write_drop(out) + memory.to(out.dtype))
-            memory = self.memory.write(candidate, memory)
+            memory = self.memory.write(candidate, memory, empty=patches.shape[0] == 0)
             self.balance_loss = balance_loss_from_gates(gates)
         else:
             memory = self.memory.memory

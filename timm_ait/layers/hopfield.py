@@ -30,8 +30,8 @@ class HopfieldRetrieval(nn.Module):
 
     def __init__(self, dim: int, slot_dim: int = 32, beta: float = 1.0, steps: int = 1):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f'Hopfield inverse temperature beta must be > 0, got {beta}')
+        if not math.isfinite(beta) or beta <= 0:  # a NaN passes `beta <= 0`
+            raise ValueError(f'Hopfield inverse temperature beta must be > 0 and finite, got {beta}')
         if steps < 1:
             raise ValueError(f'Hopfield steps must be >= 1, got {steps}')
         self.beta = beta

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing']
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'skipped_memory_writes']
 
 MEMORY_INITS = ('gaussian', 'uniform', 'identity')
 
@@ -70,6 +70,8 @@ class ExplicitMemory(nn.Module):
         self.smoothing = smoothing
         self.l2_normalize = l2_normalize
         self.register_buffer('memory', torch.empty(num_slots, slot_dim))
+        # how many writes were skipped as non-finite; not saved, read outside the graph (skipped_memory_writes)
+        self.register_buffer('skipped_writes', torch.zeros((), dtype=torch.long), persistent=False)
         self._before_write = None  # the memory a checkpointed recomputation must start from
         self.reset()
 
@@ -99,27 +101,50 @@ class ExplicitMemory(nn.Module):
             return self._before_write
         return self.memory.clone()
 
-    def write(self, candidate: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    def write(self, candidate: torch.Tensor, current: torch.Tensor, empty: bool = False) -> torch.Tensor:
         """EWMA-write ``candidate`` (M_hat) over ``current`` (M) and store the result.
 
         Returns the new memory with its gradient to ``candidate``; the stored buffer is its
         detached value. Under torch.distributed the new memory is averaged over ranks, so every
         rank stores (and reads) the same memory even if the ranks started from different ones
         (a per-rank reset, say); the gradient is the local one.
+
+        A write with any non-finite value (a NaN or inf input, an overflow) is skipped whole: the
+        memory stays as it was and the step reads it unchanged. The check runs on the rank average,
+        which is non-finite on every rank as soon as one rank's write is, so all ranks skip together
+        and keep the same finite memory. It is a ``torch.where`` in the graph (no Python branch on a
+        value, so torch.compile captures it); each skip counts in :attr:`skipped_writes`, which
+        :func:`skipped_memory_writes` reads outside the graph. ``empty``: the batch had no patches,
+        so there is nothing to write (a rank with one passes its memory unchanged to the average).
         """
-        new = self.smoothing * current + (1.0 - self.smoothing) * candidate
-        if self.l2_normalize:
-            new = nn.functional.normalize(new, dim=-1)
+        if empty:
+            new = current
+        else:
+            new = self.smoothing * current + (1.0 - self.smoothing) * candidate
+            if self.l2_normalize:
+                new = nn.functional.normalize(new, dim=-1)
         mean = _distributed_mean(new)
         if mean is not new:
             # forward: exactly the rank average (x - x is exactly 0), backward: the local gradient;
             # `new + (mean - new).detach()` would round differently on every rank
             new = mean + (new - new.detach())
+        finite = torch.isfinite(new).all()
+        new = torch.where(finite, new, current.to(new.dtype))
         if not is_recomputing():
             self._before_write = current.detach()
             self.memory.copy_(new.detach())
+            self.skipped_writes.add_((~finite).long())
         return new
 
     def extra_repr(self) -> str:
         return (f'num_slots={self.num_slots}, slot_dim={self.slot_dim}, init={self.init!r}, '
                 f'smoothing={self.smoothing}, l2_normalize={self.l2_normalize}')
+
+
+def skipped_memory_writes(model: nn.Module) -> int:
+    """How many memory writes of ``model`` were skipped as non-finite since it was built (all layers).
+
+    Reads a counter the forward keeps in the graph; call it outside (it synchronises with the device).
+    """
+    counts = [m.skipped_writes for m in model.modules() if isinstance(m, ExplicitMemory)]
+    return int(torch.stack(counts).sum().item()) if counts else 0

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from timm.layers import to_2tuple
 
+from .input_dtype import check_input_dtype
+
 __all__ = ['LinearPatchEmbed']
 
 
@@ -55,6 +57,8 @@ class LinearPatchEmbed(nn.Module):
         return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # fp16 / uint8 / ... images the weights cannot take
+            check_input_dtype(x, self.proj.weight.dtype)
         if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
             expected = f'(B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]})'
             raise ValueError(f'expected images of shape {expected} (batch, channels, height, width), '

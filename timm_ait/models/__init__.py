@@ -1,3 +1,4 @@
+from . import _factory  # noqa: F401  (bottleneck=None through timm.create_model)
 from .ait import *  # noqa: F401,F403
 from .paramixer import *  # noqa: F401,F403
 from .ait_relational import *  # noqa: F401,F403

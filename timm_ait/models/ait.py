@@ -40,6 +40,7 @@ ait_medium 45.82M, ait_base 90.95M. The paper's counts include modules the autho
 but never calls (a 58,368-parameter conv stem, a class token and a 65-slot position embedding)
 and the memory, which here is a buffer (1,024 values a layer), not a parameter.
 """
+import numbers
 import re
 from functools import partial
 from typing import Any, Dict, Optional
@@ -52,12 +53,14 @@ from timm.layers import LayerNorm, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..checkpoint import verify_loaded_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..engine import check_state_dict
 from ..hub import explain_download_errors, hf_hub_id
 from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
+from ._factory import DENSE
 
 __all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn', 'convert_authors_checkpoint']
 
@@ -71,6 +74,10 @@ ABLATIONS = {
     'no_self_attn': dict(self_attn=False),
     'no_feed_forward': dict(feed_forward=False),
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class AiTBlock(Block):
@@ -133,6 +140,8 @@ class AssociativeTransformer(VisionTransformer):
             ablation: Optional[str] = None,
             **kwargs,
     ):
+        if bottleneck is DENSE:  # bottleneck=None through timm.create_model (see _factory)
+            bottleneck = None
         if ablation is not None:
             if ablation not in ABLATIONS:
                 raise ValueError(f'unknown ablation {ablation!r}; expected one of {sorted(ABLATIONS)}')
@@ -146,13 +155,16 @@ class AssociativeTransformer(VisionTransformer):
             raise ValueError(f'unknown memory_init {memory_init!r}; expected one of {MEMORY_INITS}')
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        for size in (patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,)):
+            if not _is_int(size) or size < 1:
+                raise ValueError(f'patch_size must be >= 1 (an integer, or a pair of them), got {patch_size!r}')
         if gwl:
             # fail at construction, not at the first forward
             for name, value in (('num_slots', num_slots), ('slot_dim', slot_dim), ('gwl_heads', gwl_heads)):
-                if value < 1:
-                    raise ValueError(f'{name} must be >= 1, got {value}')
-            if bottleneck is not None and bottleneck < 1:
-                raise ValueError(f'bottleneck must be >= 1 or None, got {bottleneck}')
+                if not _is_int(value) or value < 1:
+                    raise ValueError(f'{name} must be >= 1 (an integer), got {value!r}')
+            if bottleneck is not None and (not _is_int(bottleneck) or bottleneck < 1):
+                raise ValueError(f'bottleneck must be >= 1 (an integer, the top-k) or None (dense), got {bottleneck!r}')
             mlp_layer = partial(
                 GlobalWorkspaceLayer, num_slots=num_slots, slot_dim=slot_dim, gwl_heads=gwl_heads,
                 bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
@@ -337,6 +349,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
     another variant never loads silently or half-way. The classifier's shape is left to timm, which
     resets it when ``num_classes`` differs.
     """
+    verify_loaded_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
     for key in ('state_dict', 'model'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]

@@ -42,8 +42,10 @@ from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.mlp_mixer import _init_weights
 
+from ..checkpoint import verify_loaded_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..hub import explain_download_errors, hf_hub_id
+from ..layers.input_dtype import check_input_dtype
 
 __all__ = [
     'HamMixer', 'SerialMixerBlock', 'ParallelMixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
@@ -365,6 +367,8 @@ class HamMixer(nn.Module):
             raise ValueError(f'Expected a (B, C, H, W) image batch, got a tensor of shape {list(x.shape)}.')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'Expected {self.in_chans} input channels, got {x.shape[1]}.')
+        if not torch.jit.is_scripting():
+            check_input_dtype(x, self.stem.proj.weight.dtype)
         H, W = self.stem.img_size
         if x.shape[-2] != H or x.shape[-1] != W:
             raise ValueError(
@@ -463,6 +467,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HamMixer) -
     Their symmetric MLP stores its one matrix, shape (hidden, in), as `fc2.weight`; here it is `fc1.weight`.
     Every other key, and every checkpoint of the other block types, already matches.
     """
+    verify_loaded_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
     if model.block_type != 'symmetric' or any('.fc1.' in k for k in state_dict):
         return state_dict
     return {k.replace('.fc2.', '.fc1.'): v for k, v in state_dict.items()}
