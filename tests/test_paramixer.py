@@ -1,6 +1,7 @@
 """Tests for the parallelized MLP-Mixer family (timm_ait.models.paramixer)."""
 import argparse
 import csv
+import json
 import io
 import os
 import subprocess
@@ -525,12 +526,26 @@ def test_train_logs_the_lcoeff_penalty_to_summary_csv(tmp_path):
     assert float(row['train_aux_loss']) == pytest.approx(model.aux_loss().item(), rel=1e-3)
 
 
-def test_validate_refuses_their_ni2_checkpoint_for_a_one_iteration_model(tmp_path):
+def test_validate_rebuilds_their_ni2_checkpoint_with_n_iter_2_and_refuses_n_iter_1(tmp_path):
     size = dict(img_size=32, num_blocks=2, embed_dim=32)
-    source = timm.create_model('hmixer_parallel_s16_224', n_iter=2, num_classes=10, **size)
+    source = timm.create_model('hmixer_parallel_s16_224', n_iter=2, num_classes=2, **size)
+    nn.init.normal_(source.head.weight)  # timm's Mixer head starts at zero: every model would score ln 2
     path = _write_checkpoint(tmp_path / 'model_best.pth.tar', source, 'paramixer_s16_224_ni2', **size)
-    proc = _run_script('validate.py', '--model', 'hmixer_parallel_s16_224', '--checkpoint', path, '--dataset', 'triangle',
-                       '--data-dir', tmp_path / 'data', '--num-samples', 8, '-j', 0)
+    common = ('--checkpoint', path, '--dataset', 'triangle', '--data-dir', tmp_path / 'data', '--num-samples', 8,
+              '-j', 0)
+    proc = _run_script('validate.py', '--model', 'hmixer_parallel_s16_224', '--model-kwargs', 'n_iter=1', *common)
     assert proc.returncode == 2, proc.stderr
-    assert "trained as 'paramixer_s16_224_ni2' (hmixer_parallel_s16_224 with {'n_iter': 2})" in proc.stderr
-    assert 'create the model with n_iter=2' in proc.stderr
+    assert 'model setting n_iter' in proc.stderr and 'n_iter=2' in proc.stderr, proc.stderr
+    # their entry point's name is rebuilt as the model that computes it here: n_iter=2, not a silent n_iter=1
+    def validate(checkpoint, name):
+        out = tmp_path / f'{name}.json'
+        proc = _run_script('validate.py', *common[:1], checkpoint, *common[2:], '--results-file', out)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(out.read_text())
+
+    theirs = validate(path, 'theirs')
+    ours = validate(_write_checkpoint(tmp_path / 'ours.pth.tar', source, 'hmixer_parallel_s16_224', n_iter=2, **size),
+                    'ours')
+    once = validate(_write_checkpoint(tmp_path / 'once.pth.tar', source, 'hmixer_parallel_s16_224', **size), 'once')
+    assert theirs['model'] == 'hmixer_parallel_s16_224'
+    assert theirs['loss'] == ours['loss'] != once['loss']

@@ -152,9 +152,16 @@ def resolve_model_settings(saved: Dict[str, Any], requested: Dict[str, Any], wha
     none. ``requested``: the settings the command line gave explicitly. A requested value that
     contradicts a saved one (a different model, number of classes, image size, or any
     ``--model-kwargs`` key other than the run's) is refused with a ValueError naming the setting.
+    A model saved under one of the hmixer authors' entry point names (``paramixer_s16_224_ni2``) is
+    rebuilt as the model and settings that reproduce it here (``hmixer_parallel_s16_224``, ``n_iter=2``).
     """
+    from .models.paramixer import AUTHORS_MODELS  # models import this module
+
     settings = {key: saved.get(key) for key in MODEL_SETTINGS}
     settings['model_kwargs'] = dict(saved.get('model_kwargs') or {})
+    if settings['model'] in AUTHORS_MODELS:
+        settings['model'], their_kwargs = AUTHORS_MODELS[settings['model']]
+        settings['model_kwargs'] = {**their_kwargs, **settings['model_kwargs']}
     if not saved:  # a bare state dict: the command line says what it is
         settings.update({key: value for key, value in requested.items() if value is not None})
         return settings
