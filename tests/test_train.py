@@ -149,7 +149,11 @@ def test_yaml_config_and_unknown_keys(tmp_path):
     assert proc.returncode == 2 and "unknown keys ['learning_rate']" in proc.stderr
 
 
-@pytest.mark.parametrize('config', sorted(os.listdir(os.path.join(REPO, 'train_scripts', 'configs'))))
+CONFIGS = os.path.join(REPO, 'train_scripts', 'configs')
+
+
+@pytest.mark.parametrize('config', sorted(os.path.relpath(os.path.join(folder, name), CONFIGS)
+                                          for folder, _, names in os.walk(CONFIGS) for name in names))
 def test_shipped_configs_parse(config):
     sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
     try:
