@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TIME_COLUMN = 'train_time_s'
 METRIC_NAMES = {
@@ -90,20 +91,25 @@ def plot_summaries(
     for value, text in references:
         for ax in (ax_time, ax_epoch):
             ax.axhline(value, color='0.4', linewidth=0.8, linestyle=':')
-        ax_epoch.annotate(f'{text} ({value:g})', xy=(1, value), xycoords=('axes fraction', 'data'),
-                          xytext=(-4, 3), textcoords='offset points', ha='right', va='bottom', fontsize=8,
+        # at the left, where rising curves are still low
+        ax_epoch.annotate(f'{text} ({value:g})', xy=(0, value), xycoords=('axes fraction', 'data'),
+                          xytext=(4, 3), textcoords='offset points', ha='left', va='bottom', fontsize=8,
                           color='0.3')
     ylabel = METRIC_NAMES.get(metrics[0], metrics[0]) if len(metrics) == 1 else 'accuracy (%)'
     ax_time.set_xlim(left=0)
     ax_time.set_xlabel('training time (minutes)')
     ax_time.set_ylabel(ylabel)
     ax_epoch.set_xlabel('epoch')
+    ax_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not ax_time.lines:
         ax_time.text(0.5, 0.5, f'no {TIME_COLUMN} column in these summaries', transform=ax_time.transAxes,
                      ha='center', va='center', color='0.4')
     for ax in (ax_time, ax_epoch):
         ax.grid(True, linewidth=0.5, alpha=0.5)
-    ax_epoch.legend(loc='lower right', fontsize=8)
+    # below both panels, where it hides no curve
+    handles, labels = ax_epoch.get_legend_handles_labels()
+    fig.legend(handles, labels, loc='outside lower center', ncols=min(len(labels), 2 if len(metrics) > 1 else 4),
+               fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     return fig
