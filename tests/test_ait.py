@@ -11,7 +11,7 @@ from timm_ait.models.ait import ABLATIONS, AssociativeTransformer, checkpoint_fi
 from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF
 
 # image-only models; the question-conditioned ones are tested in test_ait_relational.py
-AIT_NAMES = timm.list_models('ait_*', exclude_filters=['*_patch5_75'])
+AIT_NAMES = timm.list_models('ait_*', exclude_filters=['*_patch5_75', '*_patch15_75'])
 
 # a tiny AiT with the structure of the real ones, for tests that do not need their size
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)

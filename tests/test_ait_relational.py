@@ -12,6 +12,7 @@ from timm_ait.models.ait_relational import (
     SORT_OF_CLEVR_ANSWERS, SORT_OF_CLEVR_QUESTION_DIM, RelationalAssociativeTransformer)
 
 NAMES = ('ait_small_patch5_75', 'ait_base_patch5_75')
+CPU_SCALE_NAMES = ('ait_small_w256_patch15_75',)  # narrowed for Sort-of-CLEVR runs on a CPU
 QD = SORT_OF_CLEVR_QUESTION_DIM
 # a tiny model with the structure of the real ones: 15x15 images, patch 5 -> 9 patches + 1 question
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=15)
@@ -37,9 +38,9 @@ def inputs(batch=4, size=15, seed=0):
 
 
 def test_names_and_pretrained_cfgs():
-    assert set(timm.list_models('ait_*_patch5_75')) == set(NAMES)
-    assert set(timm.list_pretrained('ait_*_patch5_75*')) == {f'{n}.sort_of_clevr' for n in NAMES}
-    for name in NAMES:
+    assert set(timm.list_models('ait_*_75')) == set(NAMES + CPU_SCALE_NAMES)
+    assert set(timm.list_pretrained('ait_*_75*')) == {f'{n}.sort_of_clevr' for n in NAMES + CPU_SCALE_NAMES}
+    for name in NAMES + CPU_SCALE_NAMES:
         cfg = timm.models.get_pretrained_cfg(f'{name}.sort_of_clevr').to_dict()
         assert cfg['hf_hub_id'] == timm_ait.hub.hf_hub_id(name, 'sort_of_clevr')
         assert cfg['input_size'] == (3, 75, 75) and cfg['num_classes'] == 10
@@ -70,6 +71,23 @@ def test_full_size_models_build_train_and_answer(name):
         (y.sum() + model.balance_loss()).backward()
         assert model.question_embed.proj.weight.grad.shape == (768, QD)
         assert model.eval()(x, q).shape == (2, 10)
+
+
+def test_cpu_scale_model_is_ait_small_narrowed_with_the_papers_share_of_the_pool():
+    small, narrow = timm.create_model('ait_small_patch5_75'), timm.create_model('ait_small_w256_patch15_75')
+    assert isinstance(narrow, RelationalAssociativeTransformer)
+    assert len(narrow.blocks) == len(small.blocks) == 2
+    assert narrow.embed_dim == 256 and narrow.blocks[0].attn.num_heads == 4  # heads of 64, as the paper's 768 / 12
+    assert narrow.patch_embed.num_patches == 25 and narrow.head_hidden_size == 26 * 256
+    gwl, paper_gwl = narrow.blocks[0].mlp, small.blocks[0].mlp
+    assert gwl.memory.num_slots == paper_gwl.memory.num_slots == 32
+    assert gwl.memory.slot_dim == paper_gwl.memory.slot_dim and gwl.write_attn.num_heads == paper_gwl.write_attn.num_heads
+    # k / (batch 64 x tokens): 256 / (64 x 226) = 1.8% in the paper, 32 / (64 x 26) = 1.9% here
+    assert abs(gwl.write_attn.bottleneck / (64 * 26) - paper_gwl.write_attn.bottleneck / (64 * 226)) < 0.002
+    twin = timm.create_model('ait_small_w256_patch15_75', gwl=False)
+    assert not any(isinstance(m, timm_ait.layers.GlobalWorkspaceLayer) for m in twin.modules())
+    x, q = inputs(batch=2, size=75)
+    assert narrow.train()(x, q).shape == twin.train()(x, q).shape == (2, 10)
 
 
 def test_full_size_small_model_answers_on_cpu():

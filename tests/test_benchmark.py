@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train_scripts'))
 import benchmark  # noqa: E402  (the script; its memory probes import it by this name)
@@ -94,3 +95,66 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     assert "unknown model 'ait_smal_patch4_32'" in message and 'ait_small_patch4_32' in message
+
+
+def test_speed_mode_tokens_change_the_base_settings():
+    base = BenchSettings(batch_size=8, threads=1)
+    assert benchmark.parse_speed_mode('fp32', base) == base
+    assert benchmark.parse_speed_mode('bf16+cl+t2', base) == BenchSettings(
+        batch_size=8, threads=2, amp_dtype='bfloat16', channels_last=True)
+    assert benchmark.parse_speed_mode('compile', base).torchcompile == 'inductor'
+    assert benchmark.parse_speed_mode('fp32', BenchSettings(amp_dtype='bfloat16')).amp_dtype is None
+    with pytest.raises(ValueError, match=r"unknown token 'bfloat' in speed mode 'bfloat\+cl'"):
+        benchmark.parse_speed_mode('bfloat+cl', base)
+    with pytest.raises(ValueError, match=r"speed mode 'bf16\+fp32' sets amp_dtype twice"):
+        benchmark.parse_speed_mode('bf16+fp32', base)
+    with pytest.raises(ValueError, match='unknown token'):
+        benchmark.parse_speed_mode('t0', base)
+
+
+def test_speed_modes_alternate_and_give_per_repeat_ratios(monkeypatch):
+    runs = []
+    # made-up step times: the twin is 1 s in fp32 and 0.5 s in bf16, the AiT 1.1 times the twin
+    seconds = {(True, None): 1.1, (False, None): 1.0, (True, 'bfloat16'): 0.55, (False, 'bfloat16'): 0.5}
+
+    def record_run(workload, mode, settings):
+        gwl = workload.spec.kwargs.get('gwl', True)
+        runs.append((settings.amp_dtype, gwl, torch.get_num_threads()))
+        return StepTime(wall=seconds[gwl, settings.amp_dtype], cpu=1.0, faults=3.0)
+
+    monkeypatch.setattr(benchmark, 'time_step', record_run)
+    specs = [ModelSpec('ait_small_patch4_32', TINY), ModelSpec('ait_small_patch4_32', {**TINY, 'gwl': False})]
+    base = BenchSettings(batch_size=2, num_warm_iter=0)
+    modes = {'fp32': base, 'bf16+t1': benchmark.parse_speed_mode('bf16+t1', base)}
+    threads = torch.get_num_threads()
+    results = benchmark.benchmark_speed_modes(specs, modes, repeats=2)
+    assert torch.get_num_threads() == threads  # restored
+    assert runs == [(None, True, threads), (None, False, threads), ('bfloat16', True, 1), ('bfloat16', False, 1),
+                    ('bfloat16', False, 1), ('bfloat16', True, 1), (None, False, threads), (None, True, threads)]
+    fp32, bf16 = results['speed_modes']['fp32'], results['speed_modes']['bf16+t1']
+    assert fp32['ratios']['train']['wall']['median'] == pytest.approx(1.1)
+    assert bf16['ratios']['train']['wall']['median'] == pytest.approx(1.1)
+    assert [s['median'] for s in bf16['speedup']['train']] == pytest.approx([2.0, 2.0])
+    assert bf16['models'][1]['train']['images_per_s'] == pytest.approx(2 / 0.5)
+    assert bf16['models'][0]['train']['page_faults_per_step'] == 3.0
+
+
+def test_speed_modes_end_to_end(tmp_path, capsys):
+    results_file = tmp_path / 'modes.json'
+    benchmark.main(['-m', 'ait_small_patch4_32', '--model-kwargs', *TINY_ARGS, '--compare', 'gwl=False',
+                    '-b', '4', '--num-warm-iter', '1', '--num-bench-iter', '1', '--repeats', '2',
+                    '--threads', '1', '--speed-modes', 'fp32', 'bf16', 'cl+t1', '--keep-freed-memory',
+                    '--results-file', str(results_file)])
+    table = capsys.readouterr().out
+    assert 'model/compare (95% interval)' in table and 'model speed-up vs fp32' in table
+    for name in ('fp32', 'bf16', 'cl+t1'):
+        assert any(line.split()[:1] == [name] for line in table.splitlines()), name
+    results = json.loads(results_file.read_text())
+    assert list(results['speed_modes']) == ['fp32', 'bf16', 'cl+t1']
+    assert results['speed_modes']['bf16']['settings']['amp_dtype'] == 'bfloat16'
+    assert results['speed_modes']['cl+t1']['settings']['channels_last'] is True
+    assert results['speed_modes']['fp32']['speedup']['train'][0]['median'] == 1.0
+    assert results['environment']['keep_freed_memory'] is True
+    for mode in results['speed_modes'].values():
+        for model in mode['models']:
+            assert model['train']['images_per_s'] > 0 and 'inference' not in model

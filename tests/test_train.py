@@ -188,7 +188,11 @@ def test_yaml_config_and_unknown_keys(tmp_path, capsys):
     assert 'must be a mapping of flag names to values, got a list' in parse_error('- model\n- lr\n')
 
 
-@pytest.mark.parametrize('config', sorted(os.listdir(os.path.join(REPO, 'train_scripts', 'configs'))))
+CONFIGS = os.path.join(REPO, 'train_scripts', 'configs')
+
+
+@pytest.mark.parametrize('config', sorted(os.path.relpath(os.path.join(folder, name), CONFIGS)
+                                          for folder, _, names in os.walk(CONFIGS) for name in names))
 def test_shipped_configs_parse(config):
     sys.path.insert(0, os.path.join(REPO, 'train_scripts'))
     try:

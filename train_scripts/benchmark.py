@@ -38,6 +38,17 @@ What is measured, per model and per mode (inference, train):
   (CPU attention, in-place addmm_) are added (``timm_ait.profiling``). ``--flops-modules REGEX`` also reports the
   share of the modules whose name matches (e.g. ``'mlp\\.read$'``: the GWL's Hopfield read) in
   inference; not in training, as the counter credits backward ops to modules only roughly.
+
+``--speed-modes`` compares CPU speed settings instead (step times only): each mode is a
+'+'-joined set of tokens over the other flags, ``fp32``/``bf16``/``fp16`` (autocast dtype),
+``cl`` (channels-last), ``tN`` (N threads), ``compile`` (torch.compile, inductor), e.g.
+``--speed-modes fp32 bf16 cl t2 compile``. Every mode has its own pair of models (same initial
+weights); each repeat runs every mode and model once, modes and models in alternating order, so
+the model / compare ratio of each mode and each mode's speed-up over the first mode are both
+per-repeat ratios. Minor page faults per step are reported beside the times: on a virtual
+machine a fresh page costs a trap and a zeroing, so an allocator that hands freed tensors back to
+the kernel and maps them again every step is slow; ``--keep-freed-memory`` keeps them in the
+heap (:func:`timm_ait.cpu_speed.keep_freed_memory`) for the whole process.
 """
 import argparse
 import ctypes
@@ -54,7 +65,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -66,6 +77,7 @@ from timm.models import get_pretrained_cfg_value
 from timm.utils import ParseKwargs
 
 import timm_ait  # noqa: F401  (registers the AiT models with timm)
+from timm_ait.cpu_speed import keep_freed_memory, minor_page_faults
 from timm_ait.layers import balance_loss
 from timm_ait.profiling import flop_counter
 
@@ -326,17 +338,21 @@ def measure_peak_memory(spec: ModelSpec, settings: BenchSettings, mode: str) -> 
 # ------------------------------------------------------------------------------- benchmark
 
 class StepTime(NamedTuple):
-    """Seconds per step: wall-clock, and CPU time of this process (all its threads)."""
+    """Seconds per step: wall-clock, and CPU time of this process (all its threads); and the
+    minor page faults of this process per step (None where the OS does not count them)."""
     wall: float
     cpu: float
+    faults: Optional[float] = None
 
 
 def time_step(workload: Workload, mode: str, settings: BenchSettings) -> StepTime:
     """The mean time of num_bench_iter steps."""
+    faults = minor_page_faults()
     wall, cpu = time.perf_counter(), time.process_time()
     workload.run(mode, settings.num_bench_iter)
-    return StepTime((time.perf_counter() - wall) / settings.num_bench_iter,
-                    (time.process_time() - cpu) / settings.num_bench_iter)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    faults = None if faults is None else (minor_page_faults() - faults) / settings.num_bench_iter
+    return StepTime(wall / settings.num_bench_iter, cpu / settings.num_bench_iter, faults)
 
 
 def _log(message: str) -> None:
@@ -437,6 +453,153 @@ def _ratios(models: List[Dict], step_times: Dict, modes: Sequence[str]) -> Dict:
     return ratios
 
 
+# ------------------------------------------------------------------------------ speed modes
+
+PRECISIONS = {'fp32': None, 'bf16': 'bfloat16', 'fp16': 'float16'}
+SPEED_TOKENS = ('fp32', 'bf16', 'fp16', 'cl', 'tN', 'compile')
+
+
+def parse_speed_mode(text: str, base: BenchSettings) -> BenchSettings:
+    """``'bf16+cl+t2'`` to ``base`` with bf16 autocast, channels-last and 2 threads."""
+    changes = {}
+
+    def set_once(key, value, token):
+        if key in changes:
+            raise ValueError(f'speed mode {text!r} sets {key} twice (at {token!r})')
+        changes[key] = value
+
+    for token in text.split('+'):
+        if token in PRECISIONS:
+            set_once('amp_dtype', PRECISIONS[token], token)
+        elif token == 'cl':
+            set_once('channels_last', True, token)
+        elif token == 'compile':
+            set_once('torchcompile', 'inductor', token)
+        elif re.fullmatch(r't[1-9][0-9]*', token):
+            set_once('threads', int(token[1:]), token)
+        else:
+            raise ValueError(f'unknown token {token!r} in speed mode {text!r}; a speed mode is tokens joined by '
+                             f"'+', each one of fp32, bf16, fp16 (autocast dtype), cl (channels-last), "
+                             f'tN (N threads, e.g. t2), compile (torch.compile, inductor)')
+    return replace(base, **changes)
+
+
+def _stats(values: Sequence[float]) -> Dict:
+    return dict(median=statistics.median(values), interval=median_interval(values), fastest=min(values),
+                runs=list(values))
+
+
+def benchmark_speed_modes(
+        specs: Sequence[ModelSpec],
+        speed_modes: Dict[str, BenchSettings],
+        modes: Sequence[str] = ('train',),
+        repeats: int = 3,
+) -> Dict:
+    """Step times of one model, or two, under each speed mode, all in one process.
+
+    Each (speed mode, model) has its own workload, built from the same seed. Each repeat runs
+    every speed mode and, within it, every model once; the order of both is reversed every
+    other repeat. Ratios are per repeat: model / compare within a speed mode, and each speed
+    mode's speed-up over the first one (first mode's time / this mode's time) per model.
+    """
+    for spec in specs:
+        check_model_name(spec.name)
+    default_threads = torch.get_num_threads()
+    names = list(speed_modes)
+    workloads = {}
+    for name in names:
+        for i, spec in enumerate(specs):
+            torch.manual_seed(0)  # the same initial weights in every mode
+            workloads[name, i] = Workload(spec, speed_modes[name])
+            if speed_modes[name].torchcompile:
+                workloads[name, i].compile(speed_modes[name].torchcompile)
+    times = {(name, i, mode): [] for name in names for i in range(len(specs)) for mode in modes}
+    try:
+        for repeat in range(repeats):
+            order = list(range(len(specs)))
+            mode_order = list(names)
+            if repeat % 2:
+                order.reverse()
+                mode_order.reverse()
+            for name in mode_order:
+                settings = speed_modes[name]
+                # inductor's kernels take the thread count in use when they are compiled (first run)
+                torch.set_num_threads(settings.threads or default_threads)
+                for mode in modes:
+                    for i in order:
+                        if repeat == 0:
+                            workloads[name, i].run(mode, settings.num_warm_iter)
+                        step = time_step(workloads[name, i], mode, settings)
+                        times[name, i, mode].append(step)
+                        _log(f'repeat {repeat + 1}/{repeats}, {name}, {mode}, {specs[i].label}: '
+                             f'{1e3 * step.wall:.1f} ms/step ({1e3 * step.cpu:.1f} ms CPU)')
+    finally:
+        torch.set_num_threads(default_threads)
+
+    per_mode = {}
+    for name in names:
+        batch = speed_modes[name].batch_size
+        result = dict(settings=asdict(speed_modes[name]), models=[], ratios={}, speedup={})
+        for i in range(len(specs)):
+            model = {}
+            for mode in modes:
+                runs = times[name, i, mode]
+                wall = [1e3 * t.wall for t in runs]
+                faults = [t.faults for t in runs if t.faults is not None]
+                model[mode] = dict(
+                    step_ms=statistics.median(wall), step_ms_fastest=min(wall), step_ms_runs=wall,
+                    cpu_ms=statistics.median([1e3 * t.cpu for t in runs]),
+                    images_per_s=batch / statistics.median(wall) * 1e3,
+                    page_faults_per_step=statistics.median(faults) if faults else None)
+            result['models'].append(model)
+        for mode in modes:
+            if len(specs) == 2:
+                result['ratios'][mode] = {
+                    clock: _stats([getattr(a, clock) / getattr(b, clock)
+                                   for a, b in zip(times[name, 0, mode], times[name, 1, mode])])
+                    for clock in CLOCKS}
+            result['speedup'][mode] = [
+                _stats([first.wall / this.wall for first, this in zip(times[names[0], i, mode], times[name, i, mode])])
+                for i in range(len(specs))]
+        per_mode[name] = result
+    return dict(models=[dict(model=spec.name, kwargs=spec.kwargs, label=spec.label) for spec in specs],
+                repeats=repeats, environment=_environment(speed_modes[names[0]]), speed_modes=per_mode)
+
+
+def format_speed_table(results: Dict) -> str:
+    models = results['models']
+    names = list(results['speed_modes'])
+    first = names[0]
+    two = len(models) == 2
+    lines = [f'{title}: {m["label"]}' for title, m in zip(('model', 'compare'), models)]
+    for mode in next(iter(results['speed_modes'].values()))['models'][0]:
+        header = ['speed mode', 'model img/s'] + (['compare img/s', 'model/compare (95% interval)'] if two else [])
+        header += [f'model speed-up vs {first}'] + ([f'compare speed-up vs {first}'] if two else [])
+        header += ['page faults/step']
+        rows = [header]
+        for name in names:
+            r = results['speed_modes'][name]
+            row = [name] + [f'{m[mode]["images_per_s"]:.1f}' for m in r['models'][:1]]
+            if two:
+                ratio = r['ratios'][mode]['wall']
+                row += [f'{r["models"][1][mode]["images_per_s"]:.1f}',
+                        f'{ratio["median"]:.3f} ({ratio["interval"][0]:.3f}-{ratio["interval"][1]:.3f})']
+            row += [f'{s["median"]:.3f}x' for s in r['speedup'][mode]]
+            faults = [m[mode]['page_faults_per_step'] for m in r['models']]
+            row.append(' / '.join('n/a' if f is None else f'{f:.0f}' for f in faults))
+            rows.append(row)
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+        lines.append(f'{mode}:')
+        lines += ['  ' + '  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    settings = results['speed_modes'][first]['settings']
+    env = results['environment']
+    lines.append(f"device {settings['device']} ({env['device_name']}), batch {settings['batch_size']}, "
+                 f"{settings['num_warm_iter']} warm-up steps, then {results['repeats']} repeats of "
+                 f"{settings['num_bench_iter']} timed steps; medians of per-repeat ratios; torch {env['torch']}, "
+                 f"timm {env['timm']}; freed memory kept in the heap: {env.get('keep_freed_memory', False)}")
+    return '\n'.join(lines)
+
+
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as cpuinfo:
@@ -516,7 +679,8 @@ def parse_args(argv=None):
                         help='keyword arguments for timm.create_model, e.g. gwl=False bottleneck=None')
     parser.add_argument('--compare', nargs='+', default=None, metavar='NAME_OR_K=V',
                         help='a second model: NAME [K=V ...], or K=V ... changes to the first model\'s arguments')
-    parser.add_argument('--bench', default='both', choices=('inference', 'train', 'both'))
+    parser.add_argument('--bench', default=None, choices=('inference', 'train', 'both'),
+                        help='default: both, or train with --speed-modes')
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('-b', '--batch-size', type=int, default=64)
     parser.add_argument('--img-size', type=int, default=None,
@@ -535,6 +699,13 @@ def parse_args(argv=None):
     parser.add_argument('--flops-modules', default=None, metavar='REGEX',
                         help="also report the inference FLOPs share of the modules whose name matches, "
                              "e.g. 'mlp\\.read$'")
+    parser.add_argument('--speed-modes', nargs='+', default=None, metavar='MODE',
+                        help="compare CPU speed settings: each MODE is tokens joined by '+' over the other flags, "
+                             "fp32|bf16|fp16, cl (channels-last), tN (threads), compile (inductor), "
+                             "e.g. fp32 bf16 cl t2 compile (step times only; --bench defaults to train)")
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help='keep freed blocks under 32 MiB in the heap instead of handing them back to the kernel '
+                             '(timm_ait.cpu_speed.keep_freed_memory), for the whole run')
     parser.add_argument('--results-file', default=None, help='write the results as JSON to this file')
     parser.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
     args = parser.parse_args(argv)
@@ -547,6 +718,10 @@ def parse_args(argv=None):
         parser.error('--num-warm-iter must be >= 0')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: CUDA is not available')
+    if args.speed_modes and len(set(args.speed_modes)) != len(args.speed_modes):
+        parser.error(f'--speed-modes {" ".join(args.speed_modes)}: a mode is named twice')
+    if args.bench is None:
+        args.bench = 'train' if args.speed_modes else 'both'
     return parser, args
 
 
@@ -561,14 +736,23 @@ def main(argv=None):
         torchcompile=args.torchcompile, num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
         threads=args.threads)
     modes = MODES if args.bench == 'both' else (args.bench,)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    if args.keep_freed_memory and not kept:
+        print('--keep-freed-memory needs glibc; the allocator is left as it is', file=sys.stderr)
     try:
-        results = benchmark(specs, settings, modes, args.repeats, args.flops_modules)
+        if args.speed_modes:
+            speed_modes = {name: parse_speed_mode(name, settings) for name in args.speed_modes}
+            results = benchmark_speed_modes(specs, speed_modes, modes, args.repeats)
+        else:
+            results = benchmark(specs, settings, modes, args.repeats, args.flops_modules)
     except ValueError as error:
         parser.exit(2, f'{parser.prog}: error: {error}\n')
+    results['environment']['keep_freed_memory'] = kept
     if args.results_file:
         with open(args.results_file, 'w') as f:
             json.dump(results, f, indent=2, default=repr)
-    print(json.dumps(results, indent=2, default=repr) if args.json else format_table(results))
+    table = format_speed_table(results) if args.speed_modes else format_table(results)
+    print(json.dumps(results, indent=2, default=repr) if args.json else table)
 
 
 if __name__ == '__main__':

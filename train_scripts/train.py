@@ -584,8 +584,12 @@ def main(argv=None):
             train_loader.sampler.set_epoch(epoch)
         if reset_memory:
             timm_ait.reset_memory(model)
+        started = time.perf_counter()
         train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, scheduler, args, device, autocast,
                                         loss_scaler, model_ema, mixup_fn)
+        # summary.csv's train_time_s: seconds this epoch spent training (loading included, evaluation not),
+        # so that a run resumed in parts still sums to its training time
+        train_metrics['time_s'] = time.perf_counter() - started
         check_finite(model, f'the weights after epoch {epoch}')
         if model_ema is not None:
             check_finite(model_ema.module, f'the EMA weights after epoch {epoch}')
