@@ -165,9 +165,46 @@ def test_timm_api():
     assert any(n.startswith('blocks.1') for g in groups.values() for n in g)
 
     final, inter = model.forward_intermediates(x)
-    assert final.shape == (2, 16, 32) and len(inter) == 2 and inter[0].shape == (2, 32, 4, 4)
+    assert final.shape == (2, 16, 32) and len(inter) == 3 and inter[0].shape == (2, 32, 4, 4)
     fm = timm.create_model('ait_small_patch4_32', features_only=True, out_indices=(0, 1), **TINY)
     assert [f.shape for f in fm(x)] == [(2, 32, 4, 4)] * 2
+
+
+def grid(tokens):
+    return tokens.reshape(tokens.shape[0], 4, 4, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize('depth', [1, 2, 3])
+def test_feature_levels_are_the_embedding_then_each_block(depth):
+    # level 0: the tokens entering the first block; level i: the output of block i - 1, so a 2-block AiT
+    # has the 3 levels timm's features_only takes by default
+    model = tiny(depth=depth, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert len(model.feature_info) == depth + 1
+    assert [f['module'] for f in model.feature_info] == ['norm_pre'] + [f'blocks.{i}' for i in range(depth)]
+    with torch.no_grad():
+        tokens = [model.norm_pre(model._pos_embed(model.patch_embed(x)))]
+        for blk in model.blocks:
+            tokens.append(blk(tokens[-1]))
+        final, levels = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(levels) == depth + 1
+        for level, expected in zip(levels, tokens):
+            torch.testing.assert_close(level, grid(expected))
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(last[0], grid(tokens[-1]))
+
+        features = timm.create_model('ait_small_patch4_32', features_only=True, depth=depth, **TINY).eval()
+        features.model.load_state_dict(model.state_dict(), strict=False)  # the head is pruned
+        taken = tokens[-3:]  # the last 3 levels by default
+        assert len(features(x)) == len(taken) == min(3, depth + 1)
+        for feature, expected in zip(features(x), taken):
+            torch.testing.assert_close(feature, grid(expected))
+        # pruning keeps the blocks up to the last level taken: none for level 0
+        model.prune_intermediate_layers([0])
+        assert len(model.blocks) == 0
+        torch.testing.assert_close(model.forward_intermediates(x, indices=[0], intermediates_only=True)[0],
+                                   grid(tokens[0]))
 
     pooled = tiny(global_pool='avg', num_classes=4)
     assert pooled(x).shape == (2, 4)

@@ -199,7 +199,10 @@ def test_timm_api():
     assert id(model.question_embed.norm.bias) not in decayed and id(model.pos_embed) not in decayed
 
     final, inter = model.forward_intermediates(x, q)
-    assert final.shape == (2, N_TOKENS, 32) and [t.shape for t in inter] == [(2, 32, 3, 3)] * 2
+    # feature levels as the image-only AiT's: the embedded tokens, then each block's output
+    assert final.shape == (2, N_TOKENS, 32) and [t.shape for t in inter] == [(2, 32, 3, 3)] * 3
+    embedded = model._embed(x, q)
+    torch.testing.assert_close(inter[0], embedded[:, :9].reshape(2, 3, 3, 32).permute(0, 3, 1, 2))
     inter = model.forward_intermediates(x, q, indices=1, output_fmt='NLC', return_prefix_tokens=True,
                                         intermediates_only=True)
     (patches, extra), = inter
