@@ -391,3 +391,46 @@ def test_authors_checkpoint_of_another_size_is_refused():
     model = timm.create_model('ait_small_patch4_32', **{**AUTHORS, 'depth': 3})
     with pytest.raises(ValueError, match=r'missing: blocks\.2\.'):
         checkpoint_filter_fn(theirs, model)
+
+
+def test_set_input_size_resamples_the_flatten_head_per_token():
+    # A head whose weights are the same at every token, on a constant image (identical tokens: attention,
+    # the GWL read and the flatten LayerNorm see the same token N or 4N times), gives the same logits at
+    # twice the size once the classifier is scaled by old / new token count: the resampling keeps a
+    # constant field and the scale keeps the sum over tokens.
+    torch.manual_seed(0)
+    model = tiny(pos_embed='none', num_classes=4).eval()
+    D, T = model.embed_dim, model.head_hidden_size // model.embed_dim
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(4, 1, D).expand(-1, T, -1).reshape(4, -1))
+        model.fc_norm.weight.copy_(torch.randn(D).repeat(T))
+        model.fc_norm.bias.copy_(torch.randn(D).repeat(T))
+        x = torch.ones(2, 3, 16, 16) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
+        before = model(x)
+        model.requires_grad_(False)
+        model.set_input_size(img_size=32)
+        after = model(torch.ones(2, 3, 32, 32) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1))
+    assert model.patch_embed.grid_size == (8, 8) and model.head.in_features == 64 * D == model.head_hidden_size
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-4)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen weights stay frozen
+    with pytest.raises(ValueError, match='cannot change its patch size'):
+        model.set_input_size(patch_size=8)
+
+
+def test_a_model_built_without_classes_returns_its_tokens():
+    model = tiny(num_classes=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model.global_pool == '' and model.num_features == model.head_hidden_size == 32
+    torch.testing.assert_close(model(x), model.forward_features(x))
+    assert 'fc_norm.weight' not in model.state_dict()
+    # reset_classifier(0) on a classifier keeps its flatten head: pre-logits of N * D
+    with_head = tiny(num_classes=3).eval()
+    with_head.reset_classifier(0)
+    assert with_head(x).shape == (2, 16 * 32)
+
+
+def test_meta_device_builds_put_the_head_there_too():
+    model = tiny(num_classes=3, device='meta')
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    model.reset_classifier(5)
+    assert model.head.weight.device.type == 'meta'

@@ -303,3 +303,14 @@ def test_training_configs(config, gwl):
         model = timm.create_model(cfg['model'], num_classes=cfg['num_classes'], img_size=cfg['img_size'],
                                   **cfg['model_kwargs'])
     assert model.has_gwl == gwl and model.pretrained_cfg['mean'] == tuple(cfg['mean'])
+
+
+def test_set_input_size_keeps_the_question_token_of_the_flatten_head():
+    model = tiny().eval()
+    D = model.embed_dim
+    question_weight = model.head.weight[:, -D:].clone()
+    model.set_input_size(img_size=30)
+    assert model.patch_embed.grid_size == (6, 6) and model.head.in_features == (36 + 1) * D
+    torch.testing.assert_close(model.head.weight[:, -D:], question_weight, rtol=0, atol=0)
+    x, q = inputs(batch=2, size=30)
+    assert model(x, q).shape == (2, 10)
