@@ -65,7 +65,8 @@ def fetch_test_file(version: str) -> str:
                                f'{proc.stdout}{proc.stderr}')
     member = f'timm-{version}/tests/test_models.py'
     with tarfile.open(archive) as tar:
-        tar.extractall(sdist_dir, members=[tar.getmember(member)], filter='data')
+        safe = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}  # Python 3.12+, and 3.9-3.11 updates
+        tar.extractall(sdist_dir, members=[tar.getmember(member)], **safe)
     return tests
 
 

@@ -285,11 +285,11 @@ class AssociativeTransformer(VisionTransformer):
             indices: Optional[Union[int, List[int]]],
             norm: bool,
             stop_early: bool,
-    ) -> Tuple[torch.Tensor, List[int], List[torch.Tensor]]:
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run the blocks on the embedded tokens ``x``; keep the feature levels ``indices`` asks for.
 
-        Level 0 is ``x`` itself, level i the output of block i - 1. Returns the last tokens computed,
-        the absolute indices taken and their features.
+        Level 0 is ``x`` itself, level i the output of block i - 1. Returns the last tokens computed
+        and the levels taken.
         """
         take_indices, max_index = feature_take_indices(len(self.blocks) + 1, indices)
         levels = [self.norm(x) if norm else x] if 0 in take_indices else []
@@ -301,7 +301,7 @@ class AssociativeTransformer(VisionTransformer):
                 x = blk(x)
             if i + 1 in take_indices:
                 levels.append(self.norm(x) if norm else x)
-        return x, take_indices, levels
+        return x, levels
 
     def forward_intermediates(
             self,
@@ -324,7 +324,7 @@ class AssociativeTransformer(VisionTransformer):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         B = x.shape[0]
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        x, _, intermediates = self._feature_levels(x, indices, norm, stop_early)
+        x, intermediates = self._feature_levels(x, indices, norm, stop_early)
         P = self.num_prefix_tokens
         prefix_tokens = [y[:, :P] for y in intermediates]
         intermediates = [y[:, P:] for y in intermediates]

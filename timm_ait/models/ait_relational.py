@@ -178,7 +178,7 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         B = x.shape[0]
-        x, _, intermediates = self._feature_levels(self._embed(x, questions), indices, norm, stop_early)
+        x, intermediates = self._feature_levels(self._embed(x, questions), indices, norm, stop_early)
 
         P, Q = self.num_prefix_tokens, self.num_question_tokens
         extra = [torch.cat([y[:, :P], y[:, y.shape[1] - Q:]], dim=1) for y in intermediates]
