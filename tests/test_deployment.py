@@ -23,8 +23,7 @@ MODELS = ('ait_small_patch4_32', 'hmixer_symbreak_s4_32', 'ait_small_patch5_75')
 
 
 def create(name):
-    torch.manual_seed(0)
-    model = timm.create_model(name)
+    model = deploy.create_model(name)
     return model, deploy.example_inputs(model)
 
 
