@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-timm
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# timm's own tests/test_models.py on every image model (make test runs it on the smallest of each family)
+test-timm: setup
+	$(BIN)/python tools/run_timm_suite.py

@@ -218,9 +218,46 @@ def test_timm_api():
     assert any(n.startswith('blocks.1') for g in groups.values() for n in g)
 
     final, inter = model.forward_intermediates(x)
-    assert final.shape == (2, 16, 32) and len(inter) == 2 and inter[0].shape == (2, 32, 4, 4)
+    assert final.shape == (2, 16, 32) and len(inter) == 3 and inter[0].shape == (2, 32, 4, 4)
     fm = timm.create_model('ait_small_patch4_32', features_only=True, out_indices=(0, 1), **TINY)
     assert [f.shape for f in fm(x)] == [(2, 32, 4, 4)] * 2
+
+
+def grid(tokens):
+    return tokens.reshape(tokens.shape[0], 4, 4, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize('depth', [1, 2, 3])
+def test_feature_levels_are_the_embedding_then_each_block(depth):
+    # level 0: the tokens entering the first block; level i: the output of block i - 1, so a 2-block AiT
+    # has the 3 levels timm's features_only takes by default
+    model = tiny(depth=depth, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert len(model.feature_info) == depth + 1
+    assert [f['module'] for f in model.feature_info] == ['norm_pre'] + [f'blocks.{i}' for i in range(depth)]
+    with torch.no_grad():
+        tokens = [model.norm_pre(model._pos_embed(model.patch_embed(x)))]
+        for blk in model.blocks:
+            tokens.append(blk(tokens[-1]))
+        final, levels = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(levels) == depth + 1
+        for level, expected in zip(levels, tokens):
+            torch.testing.assert_close(level, grid(expected))
+        last = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        torch.testing.assert_close(last[0], grid(tokens[-1]))
+
+        features = timm.create_model('ait_small_patch4_32', features_only=True, depth=depth, **TINY).eval()
+        features.model.load_state_dict(model.state_dict(), strict=False)  # the head is pruned
+        taken = tokens[-3:]  # the last 3 levels by default
+        assert len(features(x)) == len(taken) == min(3, depth + 1)
+        for feature, expected in zip(features(x), taken):
+            torch.testing.assert_close(feature, grid(expected))
+        # pruning keeps the blocks up to the last level taken: none for level 0
+        model.prune_intermediate_layers([0])
+        assert len(model.blocks) == 0
+        torch.testing.assert_close(model.forward_intermediates(x, indices=[0], intermediates_only=True)[0],
+                                   grid(tokens[0]))
 
     pooled = tiny(global_pool='avg', num_classes=4)
     assert pooled(x).shape == (2, 4)
@@ -500,3 +537,46 @@ def test_authors_checkpoint_of_another_size_is_refused(tmp_path):
 def test_authors_checkpoint_with_another_smoothing_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r'smoothing 0\.9, the model has smoothing=0\.8'):
         _load_theirs(tmp_path, authors_checkpoint(THEIR_TINY), **OUR_TINY, smoothing=0.8)
+
+
+def test_set_input_size_resamples_the_flatten_head_per_token():
+    # A head whose weights are the same at every token, on a constant image (identical tokens: attention,
+    # the GWL read and the flatten LayerNorm see the same token N or 4N times), gives the same logits at
+    # twice the size once the classifier is scaled by old / new token count: the resampling keeps a
+    # constant field and the scale keeps the sum over tokens.
+    torch.manual_seed(0)
+    model = tiny(pos_embed='none', num_classes=4).eval()
+    D, T = model.embed_dim, model.head_hidden_size // model.embed_dim
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(4, 1, D).expand(-1, T, -1).reshape(4, -1))
+        model.fc_norm.weight.copy_(torch.randn(D).repeat(T))
+        model.fc_norm.bias.copy_(torch.randn(D).repeat(T))
+        x = torch.ones(2, 3, 16, 16) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
+        before = model(x)
+        model.requires_grad_(False)
+        model.set_input_size(img_size=32)
+        after = model(torch.ones(2, 3, 32, 32) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1))
+    assert model.patch_embed.grid_size == (8, 8) and model.head.in_features == 64 * D == model.head_hidden_size
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-4)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen weights stay frozen
+    with pytest.raises(ValueError, match='cannot change its patch size'):
+        model.set_input_size(patch_size=8)
+
+
+def test_a_model_built_without_classes_returns_its_tokens():
+    model = tiny(num_classes=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert model.global_pool == '' and model.num_features == model.head_hidden_size == 32
+    torch.testing.assert_close(model(x), model.forward_features(x))
+    assert 'fc_norm.weight' not in model.state_dict()
+    # reset_classifier(0) on a classifier keeps its flatten head: pre-logits of N * D
+    with_head = tiny(num_classes=3).eval()
+    with_head.reset_classifier(0)
+    assert with_head(x).shape == (2, 16 * 32)
+
+
+def test_meta_device_builds_put_the_head_there_too():
+    model = tiny(num_classes=3, device='meta')
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    model.reset_classifier(5)
+    assert model.head.weight.device.type == 'meta'

@@ -217,7 +217,10 @@ def test_timm_api():
     assert id(model.question_embed.norm.bias) not in decayed and id(model.pos_embed) not in decayed
 
     final, inter = model.forward_intermediates(x, q)
-    assert final.shape == (2, N_TOKENS, 32) and [t.shape for t in inter] == [(2, 32, 3, 3)] * 2
+    # feature levels as the image-only AiT's: the embedded tokens, then each block's output
+    assert final.shape == (2, N_TOKENS, 32) and [t.shape for t in inter] == [(2, 32, 3, 3)] * 3
+    embedded = model._embed(x, q)
+    torch.testing.assert_close(inter[0], embedded[:, :9].reshape(2, 3, 3, 32).permute(0, 3, 1, 2))
     inter = model.forward_intermediates(x, q, indices=1, output_fmt='NLC', return_prefix_tokens=True,
                                         intermediates_only=True)
     (patches, extra), = inter
@@ -318,3 +321,14 @@ def test_training_configs(config, gwl):
         model = timm.create_model(cfg['model'], num_classes=cfg['num_classes'], img_size=cfg['img_size'],
                                   **cfg['model_kwargs'])
     assert model.has_gwl == gwl and model.pretrained_cfg['mean'] == tuple(cfg['mean'])
+
+
+def test_set_input_size_keeps_the_question_token_of_the_flatten_head():
+    model = tiny().eval()
+    D = model.embed_dim
+    question_weight = model.head.weight[:, -D:].clone()
+    model.set_input_size(img_size=30)
+    assert model.patch_embed.grid_size == (6, 6) and model.head.in_features == (36 + 1) * D
+    torch.testing.assert_close(model.head.weight[:, -D:], question_weight, rtol=0, atol=0)
+    x, q = inputs(batch=2, size=30)
+    assert model(x, q).shape == (2, 10)

@@ -158,3 +158,22 @@ def test_speed_modes_end_to_end(tmp_path, capsys):
     for mode in results['speed_modes'].values():
         for model in mode['models']:
             assert model['train']['images_per_s'] > 0 and 'inference' not in model
+
+
+def test_compiled_workload_is_one_graph_and_trains():
+    # --torchcompile compiles with fullgraph=True: the training step (memory write, balance loss) is one graph
+    torch = pytest.importorskip('torch')
+    workload = Workload(ModelSpec('ait_small_patch4_32', {**TINY, 'depth': 1}), BenchSettings(batch_size=4))
+    workload.compile('aot_eager')
+    memory = workload.model.blocks[0].mlp.memory.memory.clone()
+    workload.run('train', 2)
+    assert not torch.equal(workload.model.blocks[0].mlp.memory.memory, memory)
+    assert workload.model.balance_loss() is not None
+    workload.run('inference', 1)
+    assert workload.model.balance_loss() is None
+    # fullgraph: a graph break is an error rather than a silently split program
+    torch._dynamo.reset()
+    workload.model.forward_head = lambda x: torch._dynamo.graph_break() or x.mean(1)
+    with pytest.raises(Exception, match='graph_break|graph break'):
+        workload.run('inference', 1)
+    torch._dynamo.reset()

@@ -1,10 +1,16 @@
-"""torch.compile gives the eager outputs, memory write included."""
+"""torch.compile gives the eager outputs, memory write included, also for a whole fullgraph training step."""
 import copy
+import sys
+from pathlib import Path
 
+import pytest
 import timm
 import torch
 
 import timm_ait  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+import check_deployment as deploy  # noqa: E402
 
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
 
@@ -49,3 +55,20 @@ def test_a_training_step_with_the_non_finite_guard_captures_in_one_graph():
     assert torch.equal(memory, before) and timm_ait.skipped_memory_writes(model) == 1
     step(x, target).backward()
     assert torch.isfinite(memory).all() and not torch.equal(memory, before)
+
+
+# a training step under torch.compile(fullgraph=True): forward with the memory write, cross-entropy plus the
+# balance loss, backward; an AiT, an hmixer and the question-answering AiT with both inputs
+@pytest.mark.parametrize('name', ['ait_small_patch4_32', 'hmixer_symbreak_s4_32', 'ait_small_patch5_75'])
+def test_fullgraph_training_step_gives_the_eager_loss_gradients_and_memory(name):
+    model = deploy.create_model(name)
+    deploy.check_compiled_train_step(model, deploy.example_inputs(model), backend='aot_eager')
+
+
+def test_fullgraph_training_step_captures_one_graph():
+    torch.manual_seed(0)
+    model = timm.create_model('ait_small_patch4_32', num_classes=5, depth=1, **TINY).train()
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(deploy.loss_of)(model, (x,), y)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons

@@ -178,7 +178,8 @@ class Workload:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
     def compile(self, backend: str) -> None:
-        self.forward = torch.compile(self.model, backend=backend)
+        # one graph or an error: a graph break would time a different program than the one asked for
+        self.forward = torch.compile(self.model, backend=backend, fullgraph=True)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -689,7 +690,7 @@ def parse_args(argv=None):
     parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                        help='torch.compile the model (backend default: inductor)')
+                        help='torch.compile the model with fullgraph=True (backend default: inductor)')
     parser.add_argument('--threads', type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 gives steadier times on a busy machine")
     parser.add_argument('--num-warm-iter', type=int, default=3,

@@ -141,6 +141,7 @@ class BottleneckAttention(nn.Module):
         top, idx = scores.topk(min(self.bottleneck, T), dim=-1, sorted=False)
         return BottleneckGates(top.softmax(-1), idx, T)
 
+    @torch.jit.unused  # the memory write of training; TorchScript runs the GWL in eval only
     def forward(self, memory: torch.Tensor, patches: torch.Tensor):
         """Attend from memory (S, m) to patches (T, D); returns the (S, m) output and the gates."""
         H, d = self.num_heads, self.head_dim

@@ -3,6 +3,7 @@ from typing import Optional, Type
 
 import torch
 from torch import nn
+from timm.layers._fx import register_notrace_module
 
 from .bottleneck import BottleneckAttention, balance_loss_from_gates
 from .hopfield import CrossAttentionRetrieval, HopfieldRetrieval
@@ -11,6 +12,7 @@ from .memory import ExplicitMemory
 __all__ = ['GlobalWorkspaceLayer', 'balance_loss', 'reset_memory']
 
 
+@register_notrace_module  # FX: a leaf, as the training write stores state (memory, balance loss)
 class GlobalWorkspaceLayer(nn.Module):
     """Feed-forward, then write to and read from an explicit memory of low-rank priors.
 
@@ -100,7 +102,7 @@ class GlobalWorkspaceLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.fc2(self.drop1(self.act(self.fc1(x)))))
-        if self.training:
+        if self.training and not torch.jit.is_scripting():
             memory = self.memory.read()
             # squash: the patches of all samples compete together for the bottleneck
             patches = h.reshape(-1, h.shape[-1])
@@ -109,6 +111,9 @@ class GlobalWorkspaceLayer(nn.Module):
             memory = self.memory.write(candidate, memory, empty=patches.shape[0] == 0)
             self.balance_loss = balance_loss_from_gates(gates)
         else:
+            if self.training:
+                raise RuntimeError('a TorchScript GlobalWorkspaceLayer runs in eval only: the memory write of '
+                                   'training needs eager mode, FX or torch.compile')
             memory = self.memory.memory
             self.balance_loss = None
         return self.drop2(h + self.read(h, memory))

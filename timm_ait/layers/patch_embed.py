@@ -1,13 +1,35 @@
 """The AiT authors' patch embedding: ``LN(patch) -> Linear -> LN``, with clear input errors."""
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from timm.layers import to_2tuple
+from timm.layers._fx import register_notrace_function
 
 from .input_dtype import check_input_dtype
 
-__all__ = ['LinearPatchEmbed']
+__all__ = ['LinearPatchEmbed', 'check_images', 'shape_str']
+
+
+def shape_str(shape: List[int]) -> str:
+    """``(2, 3, 32, 32)``: a shape as error messages print it, in eager and in TorchScript."""
+    if torch.jit.is_scripting():
+        return '(' + ', '.join([str(s) for s in shape]) + (',)' if len(shape) == 1 else ')')
+    return str(tuple(shape))
+
+
+@register_notrace_function
+def check_images(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> torch.Tensor:
+    """``x`` itself if it is a batch of (in_chans, *img_size) images, else a ValueError naming both shapes.
+
+    A function FX treats as a leaf (timm's notrace functions) and TorchScript compiles, so a traced or
+    scripted model checks its input with the same message; returning ``x`` keeps the check in graphs
+    that drop nodes whose output is unused.
+    """
+    if x.ndim != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(f'expected images of shape (B, {in_chans}, {img_size[0]}, {img_size[1]}) '
+                         f'(batch, channels, height, width), got {shape_str(x.shape)}')
+    return x
 
 
 class LinearPatchEmbed(nn.Module):
@@ -37,18 +59,25 @@ class LinearPatchEmbed(nn.Module):
         if not strict_img_size or dynamic_img_pad:
             raise ValueError('LinearPatchEmbed embeds a fixed image size: dynamic_img_size / dynamic_img_pad '
                              'are not supported')
-        self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        if any(i % p for i, p in zip(self.img_size, self.patch_size)):
-            raise ValueError(f'image size {self.img_size} is not divisible by patch size {self.patch_size}')
+        self.set_input_size(img_size)
         self.in_chans = in_chans
-        self.grid_size = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
         patch_dim = in_chans * self.patch_size[0] * self.patch_size[1]
         dd = dict(device=device, dtype=dtype)
         self.norm_in = nn.LayerNorm(patch_dim, **dd)
         self.proj = nn.Linear(patch_dim, embed_dim, bias=bias, **dd)
         self.norm = nn.LayerNorm(embed_dim, **dd)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """Embed another image size (timm's PatchEmbed API); the patch size is fixed."""
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise ValueError(f'LinearPatchEmbed cannot change its patch size {self.patch_size} (got {patch_size})')
+        img_size = to_2tuple(img_size or self.img_size)  # None: keep the current size
+        if any(i % p for i, p in zip(img_size, self.patch_size)):
+            raise ValueError(f'image size {img_size} is not divisible by patch size {self.patch_size}')
+        self.img_size = img_size
+        self.grid_size = tuple(i // p for i, p in zip(img_size, self.patch_size))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def feat_ratio(self, as_scalar: bool = True):
         return max(self.patch_size) if as_scalar else self.patch_size
@@ -59,10 +88,7 @@ class LinearPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # fp16 / uint8 / ... images the weights cannot take
             check_input_dtype(x, self.proj.weight.dtype)
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
-            expected = f'(B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]})'
-            raise ValueError(f'expected images of shape {expected} (batch, channels, height, width), '
-                             f'got {tuple(x.shape)}')
+        x = check_images(x, self.in_chans, self.img_size)
         B, C, H, W = x.shape
         (gh, gw), (ph, pw) = self.grid_size, self.patch_size
         x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, ph * pw * C)

@@ -43,14 +43,16 @@ and the memory, which here is a buffer (1,024 values a layer), not a parameter.
 import numbers
 import re
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm, Mlp, trunc_normal_
+from timm.layers import LayerNorm, Mlp, get_device_dtype, global_pool_nlc, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..checkpoint import verify_loaded_checkpoint
@@ -174,10 +176,14 @@ class AssociativeTransformer(VisionTransformer):
         else:
             mlp_layer = kwargs.pop('mlp_layer', Mlp)
         kwargs.setdefault('norm_layer', partial(LayerNorm, eps=1e-5))  # the authors' nn.LayerNorm default
-        flatten = global_pool == 'flatten'
-        if flatten:
+        if global_pool == 'flatten':
             # the authors' head: no final LN(D), an LN over the flattened tokens instead
             kwargs.setdefault('final_norm', False)
+            if num_classes == 0:
+                # that LN belongs to the classifier: built without one, the model returns its tokens
+                # (B, N, D), as timm's ViT with global_pool='' (reset_classifier(0) keeps the LN)
+                global_pool = ''
+        flatten = global_pool == 'flatten'
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -195,12 +201,15 @@ class AssociativeTransformer(VisionTransformer):
         )
         self.has_gwl = gwl
         self.memory_reset_each_epoch = ablation == 'reset_memory'
+        # feature level 0: the tokens entering the first block (see forward_intermediates)
+        self.feature_info = [dict(self.feature_info[0], module='norm_pre')] + self.feature_info
         if flatten:
+            dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
             self.global_pool = 'flatten'
             num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
             self.head_hidden_size = num_tokens * embed_dim
-            self.fc_norm = nn.LayerNorm(self.head_hidden_size)
-            self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+            self.fc_norm = nn.LayerNorm(self.head_hidden_size, **dd)
+            self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
             if kwargs.get('weight_init', '') != 'skip':
                 self.init_weights(needs_reset=False)
 
@@ -229,8 +238,52 @@ class AssociativeTransformer(VisionTransformer):
         )
 
     def set_input_size(self, img_size=None, patch_size=None) -> None:
-        raise ValueError(f'{type(self).__name__} embeds a fixed image size {self.patch_embed.img_size}; '
-                         'create the model with the img_size you need')
+        """Run at another image size, as timm's ViT: the position embedding is resampled to the new patch grid.
+
+        The flatten head's per-token weights (its LayerNorm's and the classifier's) are resampled like it,
+        the classifier's scaled by old / new token count so that its sum over tokens keeps its size. The
+        patch size is fixed (the patch LayerNorm is sized for it).
+        """
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_embed.patch_size:
+            raise ValueError(f'{type(self).__name__} cannot change its patch size {self.patch_embed.patch_size} '
+                             f'(got {patch_size}): its patch LayerNorm is sized for it')
+        old_grid = self.patch_embed.grid_size
+        super().set_input_size(img_size=img_size)
+        if self.global_pool == 'flatten' and self.patch_embed.grid_size != old_grid:
+            self._resample_flatten_head(old_grid)
+
+    @torch.no_grad()
+    def _resample_flatten_head(self, old_grid: Tuple[int, int]) -> None:
+        D, P = self.embed_dim, self.num_prefix_tokens
+        # tokens other than prefix and patches (the question token of the relational model) come last
+        num_tokens = self.head_hidden_size // D
+        Q = num_tokens - P - old_grid[0] * old_grid[1]
+        new_grid = self.patch_embed.grid_size
+        new_tokens = P + new_grid[0] * new_grid[1] + Q
+
+        def resample(v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            # (..., T * D) -> (..., T' * D), each leading index resampled over the patch grid like a pos embed
+            lead = v.shape[:-1]
+            v = v.reshape(-1, num_tokens, D).transpose(0, 1)  # T, L, D
+            grid = v[P:num_tokens - Q].reshape(1, -1, v.shape[1] * D)
+            grid = resample_abs_pos_embed(grid, new_size=new_grid, old_size=old_grid, num_prefix_tokens=0)
+            grid = grid.reshape(-1, v.shape[1], D) * scale
+            v = torch.cat([v[:P], grid, v[num_tokens - Q:]]).transpose(0, 1)
+            return v.reshape(*lead, new_tokens * D)
+
+        def replace(module: nn.Module, name: str, scale: float = 1.0) -> None:
+            old = getattr(module, name)
+            setattr(module, name, nn.Parameter(resample(old, scale), requires_grad=old.requires_grad))
+
+        if isinstance(self.fc_norm, nn.LayerNorm):
+            for name in ('weight', 'bias'):
+                if getattr(self.fc_norm, name) is not None:
+                    replace(self.fc_norm, name)
+            self.fc_norm.normalized_shape = (new_tokens * D,)
+        if isinstance(self.head, nn.Linear):
+            replace(self.head, 'weight', (num_tokens - P - Q) / (new_tokens - P - Q))
+            self.head.in_features = new_tokens * D
+        self.head_hidden_size = new_tokens * D
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if self.global_pool != 'flatten':
@@ -246,14 +299,95 @@ class AssociativeTransformer(VisionTransformer):
             self.global_pool = ''
             self.fc_norm = nn.Identity()
             self.head_hidden_size = self.embed_dim
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == 'flatten':
             return x.flatten(1)
-        return super().pool(x, pool_type)
+        # VisionTransformer.pool, written out: TorchScript has no super()
+        if self.attn_pool is not None:
+            if not self.pool_include_prefix:
+                x = x[:, self.num_prefix_tokens:]
+            return self.attn_pool(x)
+        return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens,
+                               reduce_include_prefix=self.pool_include_prefix)
+
+    def _feature_levels(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]],
+            norm: bool,
+            stop_early: bool,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run the blocks on the embedded tokens ``x``; keep the feature levels ``indices`` asks for.
+
+        Level 0 is ``x`` itself, level i the output of block i - 1. Returns the last tokens computed
+        and the levels taken.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks) + 1, indices)
+        levels = [self.norm(x) if norm else x] if 0 in take_indices else []
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i + 1 in take_indices:
+                levels.append(self.norm(x) if norm else x)
+        return x, levels
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ViT ``forward_intermediates`` with one more feature level, first: the embedded tokens.
+
+        Level 0 is the input of the first block (patch and position embedding, ``norm_pre``), level i
+        the output of block i - 1, so that ``feature_info`` has depth + 1 levels and the 2-block AiTs
+        have the three that timm's feature API takes by default (``features_only`` takes the last 3).
+        ``indices``: the last n levels if an int, all if None, else these levels.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        B = x.shape[0]
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x, intermediates = self._feature_levels(x, indices, norm, stop_early)
+        P = self.num_prefix_tokens
+        prefix_tokens = [y[:, :P] for y in intermediates]
+        intermediates = [y[:, P:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            H, W = self.patch_embed.grid_size
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens and P:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last feature level ``indices`` takes (levels as in forward_intermediates)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks) + 1, indices)
+        self.blocks = self.blocks[:max_index]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
 
 
 # The authors' checkpoints (github.com/yuweisunn/associative-transformer: vit_hn.py with ait.py's
@@ -361,7 +495,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
 
 
 def _create_ait(variant: str, pretrained: bool = False, **kwargs) -> AssociativeTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
+    # features_only: the last 3 feature levels (depth + 1 of them, see forward_intermediates)
+    out_indices = kwargs.pop('out_indices', min(3, kwargs.get('depth', 2) + 1))
     with explain_download_errors(variant, kwargs):
         return build_model_with_cfg(
             AssociativeTransformer,

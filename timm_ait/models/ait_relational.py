@@ -37,20 +37,45 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models._manipulate import checkpoint_seq
 
 from ..hub import explain_download_errors, hf_hub_id
+from ..layers.patch_embed import shape_str
 from .ait import _SIZES, AssociativeTransformer, _cfg, checkpoint_filter_fn
 
 __all__ = ['RelationalAssociativeTransformer', 'QuestionEmbed', 'SORT_OF_CLEVR_QUESTION_DIM',
-           'SORT_OF_CLEVR_ANSWERS']
+           'SORT_OF_CLEVR_ANSWERS', 'check_questions']
 
 # the sizes of the Sort-of-CLEVR data (timm_ait.data.sort_of_clevr; the tests check they agree).
 # Kept here so that the models do not import the data package.
 SORT_OF_CLEVR_QUESTION_DIM = 11
 SORT_OF_CLEVR_ANSWERS = ('yes', 'no', 'square', 'circle', '1', '2', '3', '4', '5', '6')
+
+
+@register_notrace_function
+def check_questions(questions: torch.Tensor, question_dim: int, batch_size: int) -> torch.Tensor:
+    """``questions`` itself if it is a (batch_size, question_dim) float tensor, else an error naming both.
+
+    Like ``check_images``: an FX leaf that TorchScript compiles, returning its input so graphs keep it.
+    """
+    expected = f'(B, {question_dim})'
+    if not isinstance(questions, torch.Tensor):
+        raise TypeError(f'expected questions as a floating point tensor of shape {expected}, '
+                        f'got {type(questions).__name__}')
+    if not questions.is_floating_point():
+        # TorchScript prints a dtype as its enum number
+        dtype = 'a dtype that is not floating point' if torch.jit.is_scripting() else f'dtype {questions.dtype}'
+        raise TypeError(f'expected floating point questions (one-hot float vectors) of shape {expected}, '
+                        f'got {dtype}; convert them with .float()')
+    if questions.ndim != 2 or questions.shape[1] != question_dim:
+        raise ValueError(f'expected questions of shape {expected} (batch, question_dim), '
+                         f'got {shape_str(questions.shape)}')
+    if questions.shape[0] != batch_size:
+        raise ValueError(f'got {batch_size} images but {questions.shape[0]} questions; '
+                         'expected one question per image')
+    return questions
 
 
 class QuestionEmbed(nn.Module):
@@ -104,21 +129,6 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
         matcher['stem'] = r'^cls_token|reg_token|pos_embed|patch_embed|question_embed|norm_pre'
         return matcher
 
-    def _check_questions(self, questions: Any, batch_size: int) -> None:
-        expected = f'(B, {self.question_dim})'
-        if not isinstance(questions, torch.Tensor):
-            raise TypeError(f'expected questions as a floating point tensor of shape {expected}, '
-                            f'got {type(questions).__name__}')
-        if not questions.is_floating_point():
-            raise TypeError(f'expected floating point questions (one-hot float vectors) of shape {expected}, '
-                            f'got dtype {questions.dtype}; convert them with .float()')
-        if questions.ndim != 2 or questions.shape[1] != self.question_dim:
-            raise ValueError(f'expected questions of shape {expected} (batch, question_dim), '
-                             f'got {tuple(questions.shape)}')
-        if questions.shape[0] != batch_size:
-            raise ValueError(f'got {batch_size} images but {questions.shape[0]} questions; '
-                             'expected one question per image')
-
     def embed_question(self, questions: torch.Tensor) -> torch.Tensor:
         """The question token, (B, 1, D)."""
         weight = self.question_embed.proj.weight
@@ -127,7 +137,7 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
     def _embed(self, x: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
         """Tokens before the blocks: ``[prefix] + [patches + pos_embed] + [question]``."""
         x = self.patch_embed(x)  # checks the images
-        self._check_questions(questions, x.shape[0])
+        questions = check_questions(questions, self.question_dim, x.shape[0])
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         q = self.embed_question(questions)
@@ -158,26 +168,17 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``forward_intermediates`` with the questions as second input.
+        """The parent's ``forward_intermediates`` with the questions as second input.
 
-        The intermediates hold the patch tokens (as a grid for 'NCHW'); with
+        The feature levels are the parent's: level 0 the embedded tokens, level i the output of block
+        i - 1. The intermediates hold the patch tokens (as a grid for 'NCHW'); with
         ``return_prefix_tokens`` each comes with its non-patch tokens, the prefix tokens then the
         question token, (B, prefix + 1, D).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B = x.shape[0]
-        x = self._embed(x, questions)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
+        x, intermediates = self._feature_levels(self._embed(x, questions), indices, norm, stop_early)
 
         P, Q = self.num_prefix_tokens, self.num_question_tokens
         extra = [torch.cat([y[:, :P], y[:, y.shape[1] - Q:]], dim=1) for y in intermediates]

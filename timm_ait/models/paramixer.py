@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, to_2tuple
+from timm.layers._fx import register_notrace_function
 from timm.models._builder import _resolve_pretrained_source, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
@@ -52,6 +53,19 @@ __all__ = [
     'AUTHORS_MODELS', 'check_trained_as',
 ]  # register_model adds each entrypoint fn to this
 
+
+@register_notrace_function  # FX: a leaf, so traced models check their input too (returns x to stay in the graph)
+def check_mixer_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], num_patches: int, patch_size: int) -> torch.Tensor:
+    if x.ndim != 4:
+        raise ValueError(f'Expected a (B, C, H, W) image batch, got a tensor of shape {list(x.shape)}.')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'Expected {in_chans} input channels, got {x.shape[1]}.')
+    H, W = img_size
+    if x.shape[-2] != H or x.shape[-1] != W:
+        raise ValueError(
+            f'Expected a {H}x{W} image ({num_patches} tokens of patch size {patch_size}), '
+            f'got {x.shape[-2]}x{x.shape[-1]}; this model has a fixed input size.')
+    return x
 
 
 class SymmetricMlp(nn.Module):
@@ -361,19 +375,11 @@ class HamMixer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         # token-mixing MLPs and (N, D) LayerNorms are sized for one token grid: no other image size can run
-        if x.ndim != 4:
-            raise ValueError(f'Expected a (B, C, H, W) image batch, got a tensor of shape {list(x.shape)}.')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'Expected {self.in_chans} input channels, got {x.shape[1]}.')
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting():  # fp16 / uint8 / ... images the weights cannot take
             check_input_dtype(x, self.stem.proj.weight.dtype)
-        H, W = self.stem.img_size
-        if x.shape[-2] != H or x.shape[-1] != W:
-            raise ValueError(
-                f'Expected a {H}x{W} image ({self.stem.num_patches} tokens of patch size {self.stem.patch_size[0]}), '
-                f'got {x.shape[-2]}x{x.shape[-1]}; this model has a fixed input size.')
+        return check_mixer_input(x, self.in_chans, self.stem.img_size, self.stem.num_patches, self.stem.patch_size[0])
 
     def forward_intermediates(
             self,
@@ -396,7 +402,7 @@ class HamMixer(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
-        self._check_input(x)
+        x = self._check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
@@ -440,7 +446,7 @@ class HamMixer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        x = self._check_input(x)
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
@@ -549,7 +555,7 @@ def _checkpoint_meta(path: str) -> Dict[str, Any]:
 
 
 def _create_hmixer(variant: str, pretrained: bool = False, **kwargs) -> HamMixer:
-    out_indices = kwargs.pop('out_indices', 3)
+    out_indices = kwargs.pop('out_indices', min(3, kwargs.get('num_blocks', 8)))  # features_only: the last 3 blocks
     if pretrained:
         # a checkpoint file trained with another n_iter fits this model's keys: refuse it before any work
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
