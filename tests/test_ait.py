@@ -580,3 +580,19 @@ def test_meta_device_builds_put_the_head_there_too():
     assert {p.device.type for p in model.parameters()} == {'meta'}
     model.reset_classifier(5)
     assert model.head.weight.device.type == 'meta'
+
+
+@pytest.mark.parametrize('name', ['ait_small_patch4_32', 'ait_small_patch5_75'])
+def test_pretrained_weights_load_into_a_model_built_without_classes(tmp_path, name):
+    # timm's feature-extractor idiom: create_model(..., pretrained=True, num_classes=0)
+    kwargs = dict(TINY, img_size=15, patch_size=5) if name.endswith('_75') else TINY
+    source = timm.create_model(name, num_classes=3, **kwargs).eval()
+    path = tmp_path / 'weights.pth'
+    torch.save(source.state_dict(), path)
+    model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)),
+                              **kwargs).eval()
+    inputs = (torch.randn(2, 3, kwargs['img_size'], kwargs['img_size']),)
+    if name.endswith('_75'):
+        inputs += (torch.eye(11)[:2],)  # one-hot questions of the default question_dim
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), source.forward_features(*inputs), rtol=0, atol=0)

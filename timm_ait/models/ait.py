@@ -490,6 +490,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     if any(k.startswith(('to_patch_embedding.', 'transformer.layers.')) for k in state_dict):
         state_dict = convert_authors_checkpoint(state_dict, model)
+    if model.num_classes == 0:
+        # a model built without classes (features, as timm's num_classes=0) has no classifier, and a flatten
+        # head's LayerNorm belongs to that classifier: load the rest, as timm does for its ViTs
+        own = model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(('head.', 'fc_norm.'))}
     check_state_dict(state_dict, model, ignore=('head.weight', 'head.bias'))
     return state_dict
 
