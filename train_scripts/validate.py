@@ -89,12 +89,11 @@ def load_model(args) -> torch.nn.Module:
 def validate(args) -> dict:
     device = torch.device(args.device)
     model = load_model(args).to(device).eval()
-    data_args = vars(args)
+    data_config = resolve_data_config(vars(args), model=model)
     embed = getattr(model, 'patch_embed', None) or getattr(model, 'stem', None)
     if getattr(model, 'pretrained_cfg', {}).get('fixed_input_size') and hasattr(embed, 'img_size'):
         # a fixed-size model rebuilt with its run's img_size reads images of that size, not its cfg's
-        data_args = dict(data_args, img_size=tuple(embed.img_size)[0])
-    data_config = resolve_data_config(data_args, model=model)
+        data_config['input_size'] = (data_config['input_size'][0], *embed.img_size)
     dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
                                  num_samples=args.num_samples, seed=args.seed,
                                  questions=args.sort_of_clevr_questions, train_split=args.train_split)
