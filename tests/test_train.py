@@ -65,6 +65,7 @@ def test_training_writes_summary_and_checkpoints(trained):
     for column in ('train_loss', 'train_balance_loss', 'eval_top1', 'eval_top5', 'lr'):
         assert column in rows[0]
     assert float(rows[0]['train_balance_loss']) > 0  # the GWL reported its balance loss
+    assert -1 <= float(rows[-1]['train_memory_slot_cos']) <= 1
     state = state_of(run_dir / 'last.pth.tar')
     assert any(k.endswith('memory.memory') for k in state)
 

@@ -7,7 +7,8 @@
 
 The loss is cross-entropy plus ``--balance-loss-coef`` times the bottleneck attention balance loss
 (timm_ait.task.AiTClassificationTask). Each epoch's metrics, the balance loss among them, go to
-summary.csv in the output folder beside timm's columns; checkpoints are written by timm's
+summary.csv in the output folder beside timm's columns, with the mean cosine between memory slots
+(train_memory_slot_cos: 1 when the memory has collapsed to one prior); checkpoints are written by timm's
 CheckpointSaver (atomically: a file is complete or absent), each with a digest of its contents that a
 resume checks. Every random draw of an epoch (data order, augmentation, dropout) is seeded by
 (--seed, epoch, rank), so a resumed run continues as the uninterrupted one would. A resume takes the
@@ -590,6 +591,10 @@ def main(argv=None):
         # summary.csv's train_time_s: seconds this epoch spent training (loading included, evaluation not),
         # so that a run resumed in parts still sums to its training time
         train_metrics['time_s'] = time.perf_counter() - started
+        slot_similarity = timm_ait.memory_slot_similarity(model)
+        if slot_similarity is not None:
+            # how far the EWMA write has pulled the priors together (1: every slot the same)
+            train_metrics['memory_slot_cos'] = slot_similarity
         check_finite(model, f'the weights after epoch {epoch}')
         if model_ema is not None:
             check_finite(model_ema.module, f'the EMA weights after epoch {epoch}')
@@ -606,6 +611,8 @@ def main(argv=None):
         if not args.sched_on_updates:
             scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         if is_primary(args):
+            if slot_similarity is not None:
+                _logger.info(f'Memory: mean cosine between slots {slot_similarity:.4f}')
             _logger.info('Eval: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
             update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
                            lr=optimizer.param_groups[0]['lr'])

@@ -5,12 +5,13 @@ that a training forward writes with an exponentially weighted moving average and
 frozen in eval.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'skipped_memory_writes']
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'memory_slot_similarity', 'skipped_memory_writes']
 
 MEMORY_INITS = ('gaussian', 'uniform', 'identity')
 
@@ -136,6 +137,18 @@ class ExplicitMemory(nn.Module):
             self.skipped_writes.add_((~finite).long())
         return new
 
+    @torch.no_grad()
+    def slot_similarity(self) -> float:
+        """Mean cosine similarity of the distinct pairs of priors: about 0 for the random initial memory,
+        1 when every slot holds the same direction (the memory has collapsed to one prior, and the
+        Hopfield read returns the same attractor for every patch)."""
+        if self.num_slots < 2:
+            return 0.0
+        unit = nn.functional.normalize(self.memory.float(), dim=-1)
+        cosines = unit @ unit.T
+        off_diagonal = cosines.sum() - cosines.diagonal().sum()
+        return float(off_diagonal) / (self.num_slots * (self.num_slots - 1))
+
     def extra_repr(self) -> str:
         return (f'num_slots={self.num_slots}, slot_dim={self.slot_dim}, init={self.init!r}, '
                 f'smoothing={self.smoothing}, l2_normalize={self.l2_normalize}')
@@ -148,3 +161,13 @@ def skipped_memory_writes(model: nn.Module) -> int:
     """
     counts = [m.skipped_writes for m in model.modules() if isinstance(m, ExplicitMemory)]
     return int(torch.stack(counts).sum().item()) if counts else 0
+
+
+def memory_slot_similarity(model: nn.Module) -> Optional[float]:
+    """:meth:`ExplicitMemory.slot_similarity` averaged over the layers of ``model``; None without a memory.
+
+    The EWMA write pulls the priors together (every slot's candidate is a softmax average of the same
+    patches), so training logs this to show how far they have collapsed.
+    """
+    values = [m.slot_similarity() for m in model.modules() if isinstance(m, ExplicitMemory)]
+    return sum(values) / len(values) if values else None
