@@ -448,10 +448,10 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
                 result = task(input, target)
             # before the step: a non-finite loss must not reach the weights. Averaged over ranks, so
             # every rank sees the NaN of any and all stop together
-            values = {k: result[k].detach() for k in meters}
+            values = torch.stack([result[k].detach().float() for k in meters])
             if args.distributed:
-                values = {k: reduce_tensor(v, args.world_size) for k, v in values.items()}
-            values = {k: v.item() for k, v in values.items()}
+                values = reduce_tensor(values, args.world_size)
+            values = dict(zip(meters, values.tolist()))  # one device sync a step, not one a value
             if not math.isfinite(values['loss']):
                 raise NonFiniteLossError(
                     f'the training loss is {values["loss"]} at epoch {epoch}, batch {batch_idx + 1}/{num_batches} '
