@@ -96,6 +96,23 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(trained):
     assert [r['epoch'] for r in rows] == ['1']
 
 
+def test_fresh_train_data_trains_on_new_images_and_resumes_exactly(trained):
+    root, data = trained
+    common = [*TRIANGLE, '--fresh-train-data', '--data-dir', data, '--output', str(root)]
+    run(TRAIN, *common, '--epochs', '2', '--experiment', 'fresh')
+    run(TRAIN, *common, '--epochs', '2', '--experiment', 'fresh-resumed',
+        '--resume', str(root / 'fresh' / 'checkpoint-0.pth.tar'))
+    fixed, fresh = state_of(root / 'run' / 'last.pth.tar'), state_of(root / 'fresh' / 'last.pth.tar')
+    resumed = state_of(root / 'fresh-resumed' / 'last.pth.tar')
+    for k in fresh:
+        torch.testing.assert_close(resumed[k], fresh[k], rtol=0, atol=0, msg=k)
+    # epoch 0 is the cached set, as in the run without the flag; epoch 1 is another set
+    epoch0 = state_of(root / 'run' / 'checkpoint-0.pth.tar')
+    for k, v in state_of(root / 'fresh' / 'checkpoint-0.pth.tar').items():
+        torch.testing.assert_close(v, epoch0[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(fresh[k], fixed[k]) for k in fresh)
+
+
 def test_torchrun_two_cpu_ranks_agree(tmp_path):
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', TRAIN, *TRIANGLE,
@@ -123,6 +140,9 @@ def test_bad_requests_fail_before_any_work(args, message, tmp_path):
     (['--epochs', '0'], '--epochs must be >= 1, got 0'),  # not a bare AssertionError from timm's scheduler
     (['-b', '0'], '-b/--batch-size must be >= 1, got 0'),
     (['--dist-timeout', '0'], '--dist-timeout must be a number of seconds > 0, got 0.0'),
+    (['--dataset', 'sort-of-clevr', '--fresh-train-data'],
+     "--fresh-train-data: a new training set each epoch is drawn for ['triangle'] only, not for --dataset "
+     "'sort-of-clevr'"),
 ])
 def test_bad_numbers_are_named(args, message):
     train = script('train')

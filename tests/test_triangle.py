@@ -201,3 +201,35 @@ def test_items_work_with_timm_transforms_and_a_dataloader(tmp_path):
     images, labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
     assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
     assert labels.tolist() == (dataset.targets[:8] + 10).tolist()
+
+
+def test_fresh_each_epoch_draws_a_new_reproducible_set_per_epoch(tmp_path):
+    fixed = make(tmp_path)
+    fresh = make(tmp_path, fresh_each_epoch=True)
+    np.testing.assert_array_equal(fresh.images, fixed.images)  # epoch 0 is the cached set
+    fresh.set_epoch(1)
+    assert len(fresh) == N and not np.array_equal(fresh.images, fixed.images)
+    assert np.bincount(fresh.targets).tolist() == [N // 2, N // 2]
+    for centers, label in zip(fresh.centers, fresh.targets):  # its labels are right too
+        lengths = sides(centers)
+        assert (max(lengths) - min(lengths) < 1e-9 * max(lengths)) == (label == 0)
+    image, target = fresh[5]
+    assert np.array_equal(np.asarray(image)[..., 0], fresh.images[5]) and target == fresh.targets[5]
+    other = make(tmp_path, fresh_each_epoch=True)
+    other.set_epoch(1)
+    np.testing.assert_array_equal(other.images, fresh.images)  # the same (seed, epoch), the same set
+    other.set_epoch(2)
+    assert not np.array_equal(other.images, fresh.images)
+    assert not np.array_equal(make(tmp_path, seed=1, fresh_each_epoch=True).images, fixed.images)
+    fresh.set_epoch(0)
+    np.testing.assert_array_equal(fresh.images, fixed.images)
+    fixed.set_epoch(3)  # without fresh_each_epoch the set never changes
+    np.testing.assert_array_equal(fixed.images, make(tmp_path).images)
+
+
+def test_fresh_each_epoch_is_for_training_data_only(tmp_path):
+    with pytest.raises(ValueError, match="fresh_each_epoch draws new training data; the 'test' split stays fixed"):
+        make(tmp_path, split="test", fresh_each_epoch=True)
+    from timm_ait.data.factory import create_ait_dataset
+    with pytest.raises(ValueError, match="training split of \\['triangle'\\] only, not for 'sort-of-clevr'"):
+        create_ait_dataset('sort-of-clevr', root=str(tmp_path), fresh_each_epoch=True, num_samples=4)

@@ -44,7 +44,9 @@ from timm.utils import (
 from timm.utils.distributed import is_distributed_env, world_info_from_env
 
 import timm_ait
-from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_needs_no_aug
+from timm_ait.data.factory import (
+    DATASETS, FRESH_EACH_EPOCH, check_num_classes, create_ait_dataset, dataset_needs_no_aug,
+)
 from timm_ait.checkpoint import DigestCheckpointSaver
 from timm_ait.engine import (
     MODEL_SETTINGS, amp_context, check_state_dict, evaluate, load_training_checkpoint, model_build_kwargs,
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--val-split', default='validation')
     group.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
     group.add_argument('--train-num-samples', type=int, default=None, help='size of the training set (generated) or its first N')
+    group.add_argument('--fresh-train-data', action='store_true',
+                       help='a new generated training set each epoch, drawn from (--seed, epoch) (triangle; the '
+                            "authors' Triangle draws a new image at every access); epoch 0 is the cached set")
     group.add_argument('--val-num-samples', type=int, default=None, help='size of the validation set (generated) or its first N')
     group.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
                        help='which Sort-of-CLEVR questions to train on (evaluation reports both kinds)')
@@ -244,6 +249,9 @@ def check_args(args) -> None:
         raise ValueError(f'unknown model {args.model!r}' + (f'; similar names: {close}' if close else ''))
     if args.dataset not in DATASETS:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    if args.fresh_train_data and args.dataset not in FRESH_EACH_EPOCH:
+        raise ValueError(f'--fresh-train-data: a new training set each epoch is drawn for {list(FRESH_EACH_EPOCH)} '
+                         f'only, not for --dataset {args.dataset!r}')
     if args.grad_accum_steps < 1:
         raise ValueError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     if args.epochs < 1:
@@ -381,7 +389,8 @@ def build_loaders(args, model, device):
     # generate (and cache) once, on the first rank, before the others read the cache
     if args.distributed and not is_primary(args):
         torch.distributed.barrier()
-    train_set = create_ait_dataset(args.dataset, split=args.train_split, num_samples=args.train_num_samples, **common)
+    train_set = create_ait_dataset(args.dataset, split=args.train_split, num_samples=args.train_num_samples,
+                                   fresh_each_epoch=args.fresh_train_data, **common)
     val_set = create_ait_dataset(args.dataset, split=args.val_split, num_samples=args.val_num_samples,
                                  **{**common, 'questions': 'all'})
     if args.distributed and is_primary(args):
@@ -586,6 +595,8 @@ def main(argv=None):
         if reset_memory:
             timm_ait.reset_memory(model)
         started = time.perf_counter()
+        if args.fresh_train_data:  # drawing the epoch's set is part of its training time
+            train_loader.dataset.set_epoch(epoch)
         train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, scheduler, args, device, autocast,
                                         loss_scaler, model_ema, mixup_fn)
         # summary.csv's train_time_s: seconds this epoch spent training (loading included, evaluation not),

@@ -73,6 +73,14 @@ def split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(check_split(split))])
 
 
+def epoch_rng(seed: int, split: str, epoch: int) -> np.random.Generator:
+    """Random stream of one epoch's fresh data of a split, independent of :func:`split_rng`'s and of the
+    other epochs' (the seed sequences differ in length or in their last word)."""
+    seed = check_int(seed, "seed", minimum=0)
+    epoch = check_int(epoch, "epoch", minimum=1)
+    return np.random.default_rng([seed, SPLITS.index(check_split(split)), epoch])
+
+
 def progress_chunks(total: int, chunk_size: int, desc: str, progress: bool) -> Iterator[Tuple[int, int]]:
     """Yield ``(start, stop)`` ranges covering ``range(total)``, with a tqdm bar on stderr."""
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:

@@ -5,7 +5,7 @@ from typing import Dict, Optional
 
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['DATASETS', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug', 'dataset_is_generated',
+__all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug', 'dataset_is_generated',
            'dataset_num_classes', 'check_num_classes', 'folder_class_map']
 
 # name -> what it is; generated datasets need no data directory
@@ -22,6 +22,8 @@ _TRAIN_SPLITS = ('train', 'training')
 _GENERATED = ('triangle', 'sort-of-clevr')
 # generated data whose labels a crop or a flip would change (a clipped cluster, 'is it on the left')
 _NO_AUG = ('triangle', 'sort-of-clevr')
+# generated data that can be drawn anew each epoch (fresh_each_epoch)
+FRESH_EACH_EPOCH = ('triangle',)
 
 
 def is_train_split(split: str) -> bool:
@@ -89,6 +91,7 @@ def create_ait_dataset(
         questions: str = 'all',
         progress: bool = True,
         train_split: str = 'train',
+        fresh_each_epoch: bool = False,
 ) -> Dataset:
     """Build the dataset ``name`` for ``split`` ('train'/'training' or anything else for the test set).
 
@@ -96,13 +99,18 @@ def create_ait_dataset(
     first ``num_samples`` items of the others. Raises a clear error for an unknown name or a
     missing data directory before anything is read. An image folder's classes are numbered from the
     class folders of ``train_split``, for every split, so labels mean the same class in all of them.
+    ``fresh_each_epoch``: a training set drawn anew each epoch (Triangle only; the dataset's
+    ``set_epoch`` switches it).
     """
     _check_name(name)
     train = is_train_split(split)
+    if fresh_each_epoch and not (name in FRESH_EACH_EPOCH and train):
+        raise ValueError(f'fresh_each_epoch: a new set each epoch is drawn for the training split of '
+                         f'{list(FRESH_EACH_EPOCH)} only, not for {name!r} split {split!r}')
     if name == 'triangle':
         from .triangle import TriangleDataset
         return TriangleDataset(root=root or None, split='train' if train else 'test', num_samples=num_samples,
-                               seed=seed, progress=progress)
+                               seed=seed, progress=progress, fresh_each_epoch=fresh_each_epoch)
     if name == 'sort-of-clevr':
         from .sort_of_clevr import SortOfClevr
         return SortOfClevr(root=root or None, split='train' if train else 'test', num_images=num_samples,

@@ -23,6 +23,7 @@ from ._cache import (
     cache_file,
     check_int,
     check_split,
+    epoch_rng,
     load_or_generate,
     progress_chunks,
     split_rng,
@@ -118,6 +119,12 @@ def generate_triangles(num_samples: int, rng: np.random.Generator, progress: boo
 class TriangleDataset(Dataset):
     """Triangle images as ``(PIL RGB 64x64, label)``, generated once and cached.
 
+    With ``fresh_each_epoch`` the set is drawn anew for each epoch (:meth:`set_epoch`, which timm-ait's
+    train.py calls): epoch 0 is the cached set, epoch e > 0 one of the same size from its own random
+    stream of (seed, split, e), generated in memory (about 4 s for 100k images). The authors' Triangle
+    draws a new image at every access, so their 100 epochs of 50k are 5M different images; a fixed set
+    of 100k is memorised by AiT-Small within ten epochs.
+
     Args:
         root: cache directory; ``None`` means ``$TIMM_AIT_DATA`` or ``~/.cache/timm_ait``.
         split: ``'train'`` or ``'test'``; each split has its own random stream from ``seed``.
@@ -127,6 +134,7 @@ class TriangleDataset(Dataset):
         target_transform: applied to the int label.
         download: accepted for torchvision-style callers and ignored; nothing is downloaded.
         progress: show a progress bar on stderr while generating.
+        fresh_each_epoch: a new set every epoch (training split only), see above.
     """
 
     num_classes = 2
@@ -141,8 +149,12 @@ class TriangleDataset(Dataset):
             target_transform: Optional[Callable] = None,
             download: bool = False,
             progress: bool = True,
+            fresh_each_epoch: bool = False,
     ):
         self.split = check_split(split)
+        if fresh_each_epoch and self.split != "train":
+            raise ValueError(f"fresh_each_epoch draws new training data; the {split!r} split stays fixed")
+        self.fresh_each_epoch = fresh_each_epoch
         self.num_samples = check_int(
             DEFAULT_SIZES[split] if num_samples is None else num_samples, "num_samples", minimum=1)
         self.seed = check_int(seed, "seed", minimum=0)
@@ -158,9 +170,25 @@ class TriangleDataset(Dataset):
             lambda: generate_triangles(self.num_samples, split_rng(self.seed, split), progress),
             meta,
         )
+        self._cached = arrays
+        self.epoch = 0
+        self._use(arrays)
+
+    def _use(self, arrays: dict) -> None:
         self.images = arrays["images"]
         self.targets = arrays["labels"]
         self.centers = arrays["centers"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Hold the data of ``epoch``: with ``fresh_each_epoch`` a set of its own, else the one set."""
+        epoch = check_int(epoch, "epoch", minimum=0)
+        if not self.fresh_each_epoch or epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if epoch == 0:
+            self._use(self._cached)
+        else:
+            self._use(generate_triangles(self.num_samples, epoch_rng(self.seed, self.split, epoch)))
 
     def __len__(self) -> int:
         return len(self.targets)
