@@ -22,16 +22,15 @@ def test_slot_similarity_is_the_mean_cosine_of_distinct_slot_pairs():
 
 def test_memory_collapse_tool_measures_the_write_pulling_slots_together():
     """tools/memory_collapse.py at toy size: the default write's slots drift together, the unit-row write's faster."""
-    import subprocess
-    import sys
+    import argparse
+    import importlib.util
     from pathlib import Path
-    tool = Path(__file__).resolve().parents[1] / 'tools' / 'memory_collapse.py'
-    proc = subprocess.run([sys.executable, str(tool), '--dim', '32', '--pool', '64', '--k', '8', '--slots', '8',
-                           '--slot-dim', '8', '--heads', '2', '--writes', '200', '--report', '1', '200'],
-                          capture_output=True, text=True, check=True)
-    rows = {line.split('  ')[0].strip(): line for line in proc.stdout.splitlines()[1:]}
-    cosines = {name: [float(part.split(': ')[1].split(' ')[0]) for part in line.split('  ')[1:] if ': ' in part]
-               for name, line in rows.items()}
-    default, unit_rows = cosines['ours, EWMA (default)'], cosines['ours, EWMA + unit rows (memory_l2norm)']
-    assert default[0] < 0.1 and default[1] > 0.8, proc.stdout
-    assert unit_rows[1] > 0.99, proc.stdout
+    path = Path(__file__).resolve().parents[1] / 'tools' / 'memory_collapse.py'
+    spec = importlib.util.spec_from_file_location('memory_collapse', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = argparse.Namespace(dim=32, pool=64, k=8, slots=8, slot_dim=8, heads=2, writes=200, report=[1, 200], seed=0)
+    default = [cos for _, cos, _ in tool.ours(args, l2=False)]
+    unit_rows = [cos for _, cos, _ in tool.ours(args, l2=True)]
+    assert default[0] < 0.1 and default[1] > 0.8, default
+    assert unit_rows[1] > 0.99, unit_rows

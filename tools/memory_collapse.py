@@ -22,14 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timm_ait.layers import GlobalWorkspaceLayer  # noqa: E402
-
-
-def slot_cosine(memory: torch.Tensor) -> float:
-    unit = nn.functional.normalize(memory, dim=-1)
-    cos = unit @ unit.T
-    n = memory.shape[0]
-    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+from timm_ait.layers import GlobalWorkspaceLayer, mean_slot_cosine  # noqa: E402
 
 
 def ours(args, l2: bool):
@@ -41,7 +34,7 @@ def ours(args, l2: bool):
         for step in range(1, args.writes + 1):
             gwl(torch.randn(1, args.pool, args.dim, generator=x_gen))
             if step in args.report:
-                yield step, slot_cosine(gwl.memory.memory), float(gwl.balance_loss)
+                yield step, gwl.memory.slot_similarity(), float(gwl.balance_loss)
 
 
 def authors(args, path: str):
@@ -62,7 +55,7 @@ def authors(args, path: str):
             memory = memory / memory.pow(2).sum(1, keepdim=True).sqrt()
             if step in args.report:
                 # their loss already carries the coefficient 1e-2; report the balance loss itself
-                yield step, slot_cosine(memory), float(loss) / 1e-2
+                yield step, mean_slot_cosine(memory), float(loss) / 1e-2
 
 
 def main():

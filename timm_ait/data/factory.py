@@ -5,8 +5,8 @@ from typing import Dict, Optional
 
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug', 'dataset_is_generated',
-           'dataset_num_classes', 'check_num_classes', 'folder_class_map']
+__all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug',
+           'dataset_is_generated', 'dataset_num_classes', 'check_num_classes', 'folder_class_map']
 
 # name -> what it is; generated datasets need no data directory
 DATASETS = {

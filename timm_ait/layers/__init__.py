@@ -2,5 +2,7 @@
 from .bottleneck import BottleneckAttention, BottleneckGates, balance_loss_from_gates, cv_squared
 from .gwl import GlobalWorkspaceLayer, balance_loss, reset_memory
 from .hopfield import CrossAttentionRetrieval, HopfieldRetrieval, hopfield_energy
-from .memory import MEMORY_INITS, ExplicitMemory, is_recomputing, memory_slot_similarity, skipped_memory_writes
+from .memory import (
+    MEMORY_INITS, ExplicitMemory, is_recomputing, mean_slot_cosine, memory_slot_similarity, skipped_memory_writes,
+)
 from .patch_embed import LinearPatchEmbed

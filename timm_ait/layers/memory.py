@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'memory_slot_similarity', 'skipped_memory_writes']
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'mean_slot_cosine', 'memory_slot_similarity', 'skipped_memory_writes']
 
 MEMORY_INITS = ('gaussian', 'uniform', 'identity')
 
@@ -137,17 +137,9 @@ class ExplicitMemory(nn.Module):
             self.skipped_writes.add_((~finite).long())
         return new
 
-    @torch.no_grad()
     def slot_similarity(self) -> float:
-        """Mean cosine similarity of the distinct pairs of priors: about 0 for the random initial memory,
-        1 when every slot holds the same direction (the memory has collapsed to one prior, and the
-        Hopfield read returns the same attractor for every patch)."""
-        if self.num_slots < 2:
-            return 0.0
-        unit = nn.functional.normalize(self.memory.float(), dim=-1)
-        cosines = unit @ unit.T
-        off_diagonal = cosines.sum() - cosines.diagonal().sum()
-        return float(off_diagonal) / (self.num_slots * (self.num_slots - 1))
+        """:func:`mean_slot_cosine` of this memory."""
+        return mean_slot_cosine(self.memory)
 
     def extra_repr(self) -> str:
         return (f'num_slots={self.num_slots}, slot_dim={self.slot_dim}, init={self.init!r}, '
@@ -161,6 +153,19 @@ def skipped_memory_writes(model: nn.Module) -> int:
     """
     counts = [m.skipped_writes for m in model.modules() if isinstance(m, ExplicitMemory)]
     return int(torch.stack(counts).sum().item()) if counts else 0
+
+
+@torch.no_grad()
+def mean_slot_cosine(memory: torch.Tensor) -> float:
+    """Mean cosine similarity of the distinct pairs of rows (priors) of ``memory`` (S, m): about 0 for the
+    random initial memory, 1 when every slot holds the same direction (the memory has collapsed to one
+    prior, and the Hopfield read returns the same attractor for every patch). 0 for a single slot."""
+    num_slots = memory.shape[0]
+    if num_slots < 2:
+        return 0.0
+    unit = nn.functional.normalize(memory.float(), dim=-1)
+    cosines = unit @ unit.T
+    return float(cosines.sum() - cosines.diagonal().sum()) / (num_slots * (num_slots - 1))
 
 
 def memory_slot_similarity(model: nn.Module) -> Optional[float]:
