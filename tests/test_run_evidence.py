@@ -107,3 +107,20 @@ def test_one_run_end_to_end(tmp_path):
     run_evidence.main(argv)
     assert len(json.loads((out / 'triangle-ait' / 'parts.json').read_text())) == 1
     assert (out / 'triangle-ait' / 'validate.json').stat().st_mtime <= validated  # not validated again
+
+
+def test_a_group_plot_draws_every_finished_run_of_the_group(tmp_path, monkeypatch):
+    """Finishing triangle-vit in a later call than triangle-ait redraws triangle.png with both curves."""
+    for name in ('triangle-ait', 'triangle-vit'):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'summary.csv').write_text('epoch,eval_top1\n0,50.0\n')
+    commands = []
+    monkeypatch.setattr(run_evidence, 'execute', lambda command, env, dry_run: commands.append(command))
+    args = run_evidence.parse_args(['--runs', 'triangle-vit', '--results-dir', str(tmp_path)])
+    run_evidence.plot_group('triangle', args)
+    [command] = commands
+    assert [c for c in command if c.endswith('summary.csv')] == [
+        str(tmp_path / 'triangle-ait' / 'summary.csv'), str(tmp_path / 'triangle-vit' / 'summary.csv')]
+    labels = command[command.index('--labels') + 1:command.index('--metrics')]
+    assert labels == [r.label for r in run_evidence.RUNS if r.group == 'triangle']
+    assert command[command.index('-o') + 1] == str(tmp_path / 'triangle.png')

@@ -245,8 +245,9 @@ def publish_results(run: Run, args, env: Dict[str, str]) -> None:
         json.dump(record, f, indent=2)
 
 
-def plot_group(group: str, runs: Sequence[Run], args) -> None:
-    members = [r for r in runs if r.group == group]
+def plot_group(group: str, args) -> None:
+    # every finished run of the group, not only those of this call: a run done in an earlier call stays drawn
+    members = [r for r in RUNS if r.group == group]
     if group == 'ablations':
         members = [r for r in RUNS if r.name == ABLATION_BASELINE] + members
     finished = [r for r in members if os.path.isfile(os.path.join(args.results_dir, r.name, 'summary.csv'))]
@@ -293,7 +294,7 @@ def main(argv=None) -> None:
         if train_run(run, args, env):
             publish_results(run, args, env)
     for group in dict.fromkeys(r.group for r in runs):
-        plot_group(group, runs, args)
+        plot_group(group, args)
 
 
 if __name__ == '__main__':
