@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'mean_slot_cosine', 'memory_slot_similarity', 'skipped_memory_writes']
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'mean_slot_cosine', 'memory_slot_similarity',
+           'skipped_memory_writes']
 
 MEMORY_INITS = ('gaussian', 'uniform', 'identity')
 
