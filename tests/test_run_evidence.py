@@ -124,3 +124,20 @@ def test_a_group_plot_draws_every_finished_run_of_the_group(tmp_path, monkeypatc
     labels = command[command.index('--labels') + 1:command.index('--metrics')]
     assert labels == [r.label for r in run_evidence.RUNS if r.group == 'triangle']
     assert command[command.index('-o') + 1] == str(tmp_path / 'triangle.png')
+
+
+def test_a_finished_run_is_drawn_before_the_next_run_starts(monkeypatch):
+    """Stopping the second run of a call (Ctrl-C) leaves the first one's group plot drawn."""
+    events = []
+    monkeypatch.setattr(run_evidence, 'publish_results', lambda run, args, env: events.append(('publish', run.name)))
+    monkeypatch.setattr(run_evidence, 'plot_group', lambda group, args: events.append(('plot', group)))
+
+    def train_run(run, args, env):
+        if run.name == 'sort_of_clevr-vit-seed0':
+            raise KeyboardInterrupt
+        return True
+
+    monkeypatch.setattr(run_evidence, 'train_run', train_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_evidence.main(['--runs', 'sort_of_clevr-ait-seed0', 'sort_of_clevr-vit-seed0'])
+    assert events == [('publish', 'sort_of_clevr-ait-seed0'), ('plot', 'sort_of_clevr')]

@@ -293,8 +293,8 @@ def main(argv=None) -> None:
     for run in runs:
         if train_run(run, args, env):
             publish_results(run, args, env)
-    for group in dict.fromkeys(r.group for r in runs):
-        plot_group(group, args)
+            # now, not after the last run of the call: stopping a later run must not leave this one undrawn
+            plot_group(run.group, args)
 
 
 if __name__ == '__main__':
