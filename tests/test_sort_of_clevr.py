@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 from timm_ait.data import sort_of_clevr
+from timm_ait.engine import evaluate
 from timm_ait.data.sort_of_clevr import (
     ANSWERS,
     COLORS,
     NUM_ANSWERS,
     QUESTION_DIM,
+    QUESTION_TYPES,
     SHAPES,
     SortOfClevr,
     answer_name,
@@ -220,3 +222,46 @@ def test_grid_of_questions_and_answers_is_drawn(tmp_path):
                "--out", str(out)])
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.width > grid.height > 300
+
+
+class AlwaysAnswers(torch.nn.Module):
+    """Answers every question with one fixed answer, whatever the image."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(torch.tensor(answer), NUM_ANSWERS).float()
+
+    def forward(self, image, question):
+        return self.logits.expand(image.shape[0], -1)
+
+
+def test_evaluate_reports_top1_of_each_kind_of_question(tmp_path):
+    """Per-kind top-1 of a model that always says 'circle': the share of 'circle' among each kind's answers."""
+    dataset = make(tmp_path)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    groups = {name: dataset.question_type == i for i, name in enumerate(QUESTION_TYPES)}
+    metrics = evaluate(AlwaysAnswers(ANSWERS.index("circle")), loader, torch.device("cpu"),
+                       relational=dataset.is_relational, groups=groups)
+    # the reference decodes each question vector, not question_type
+    kinds = [decode_question(q)[1:] for q in dataset.questions]
+    circle = dataset.answers == ANSWERS.index("circle")
+    for i, name in enumerate(QUESTION_TYPES):
+        of_kind = np.array([k == (i >= 3, i % 3) for k in kinds])
+        assert of_kind.any()
+        assert metrics[f"{name}_top1"] == pytest.approx(100 * circle[of_kind].mean())
+    assert metrics["relational_top1"] == pytest.approx(100 * circle[dataset.is_relational].mean())
+    assert metrics["top1"] == pytest.approx(100 * circle.mean())
+    assert 0 < metrics["nearest_shape_top1"] < 100 and metrics["left_top1"] == metrics["count_top1"] == 0
+
+
+def test_evaluate_refuses_a_group_of_the_wrong_length_before_any_work(tmp_path):
+    dataset = make(tmp_path)
+
+    class Refuses(torch.nn.Module):
+        def forward(self, *inputs):
+            raise AssertionError("the model ran")
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    with pytest.raises(ValueError, match=rf"group 'count' needs one bool per item of the evaluation set "
+                                         rf"\({len(dataset)}\), got shape \(3,\)"):
+        evaluate(Refuses(), loader, torch.device("cpu"), groups={"count": np.ones(3, dtype=bool)})

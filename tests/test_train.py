@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,6 +291,15 @@ def test_short_sort_of_clevr_run_learns_non_relational_questions(tmp_path):
     only = results['non_relational']
     assert only['top1'] == only['non_relational_top1'] == pytest.approx(final['non_relational_top1'], abs=1e-3)
     assert 'relational_top1' not in only
+    # and top-1 of each kind of question: those of one kind average, weighted by their counts, to its figure
+    from timm_ait.data.sort_of_clevr import QUESTION_TYPES, SortOfClevr
+    test_set = SortOfClevr(root=str(tmp_path / 'data'), split='test', num_images=50, seed=42, progress=False)
+    counts = np.bincount(test_set.question_type, minlength=len(QUESTION_TYPES))
+    for kind, types in (('non_relational', QUESTION_TYPES[:3]), ('relational', QUESTION_TYPES[3:])):
+        weights = counts[:3] if kind == 'non_relational' else counts[3:]
+        mean = sum(w * results['all'][f'{t}_top1'] for w, t in zip(weights, types)) / weights.sum()
+        assert mean == pytest.approx(results['all'][f'{kind}_top1'], abs=1e-3)
+    assert set(only) >= {f'{t}_top1' for t in QUESTION_TYPES[:3]} and 'count_top1' not in only
 
 
 def test_demo_quick_trains_and_validates(tmp_path):

@@ -42,13 +42,25 @@ def evaluate(
         device: torch.device,
         autocast: Callable[[], Any] = nullcontext,
         relational: Optional[np.ndarray] = None,
+        groups: Optional[Dict[str, np.ndarray]] = None,
 ) -> Dict[str, float]:
     """Loss, top-1 and top-5 (percent) of ``model`` in eval mode over ``loader``.
 
     ``relational`` (one bool per item, in loader order) adds top-1 over the relational and the
-    non-relational items separately (Sort-of-CLEVR). The model is in eval mode, so its memory is
+    non-relational items separately (Sort-of-CLEVR); ``groups`` (name -> one bool per item) adds
+    ``<name>_top1`` over each group that has items. The model is in eval mode, so its memory is
     not written and a prediction does not depend on the rest of its batch.
     """
+    masks = {}
+    if relational is not None:
+        relational = np.asarray(relational, dtype=bool)
+        masks.update(relational=relational, non_relational=~relational)
+    masks.update({name: np.asarray(mask, dtype=bool) for name, mask in (groups or {}).items()})
+    num_items = len(loader.dataset) if hasattr(loader, 'dataset') else None
+    for name, mask in masks.items():
+        if mask.ndim != 1 or (num_items is not None and len(mask) != num_items):
+            raise ValueError(f'group {name!r} needs one bool per item of the evaluation set '
+                             f'({num_items if num_items is not None else "any number of"}), got shape {mask.shape}')
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
     loss_sum, correct1, correct5, seen = 0.0, [], 0, 0
@@ -68,11 +80,10 @@ def evaluate(
     correct1 = torch.cat(correct1).numpy()
     # plain floats: they are saved in checkpoints, which load with weights_only=True
     metrics = OrderedDict(loss=loss_sum / seen, top1=100.0 * float(correct1.mean()), top5=100.0 * correct5 / seen)
-    if relational is not None:
-        relational = np.asarray(relational, dtype=bool)[:seen]
-        for name, mask in (('relational_top1', relational), ('non_relational_top1', ~relational)):
-            if mask.any():  # a set of one kind of question has no figure for the other
-                metrics[name] = 100.0 * float(correct1[mask].mean())
+    for name, mask in masks.items():
+        mask = mask[:seen]
+        if mask.any():  # a set of one kind of question has no figure for the other
+            metrics[f'{name}_top1'] = 100.0 * float(correct1[mask].mean())
     return metrics
 
 

@@ -22,6 +22,7 @@ from timm.utils import ParseKwargs, setup_default_logging
 
 import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
+from timm_ait.data.sort_of_clevr import QUESTION_TYPES
 from timm_ait.engine import (
     amp_context, check_state_dict, evaluate, load_training_checkpoint, model_build_kwargs, model_state_dict,
     check_checkpoint_arch, resolve_model_settings,
@@ -105,8 +106,12 @@ def validate(args) -> dict:
         crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
         use_prefetcher=device.type == 'cuda' and not two_inputs, persistent_workers=False)
     start = time.time()
+    # Sort-of-CLEVR: top-1 of each kind of question too (nearest, farthest, count, ...)
+    question_type = getattr(dataset, 'question_type', None)
+    groups = None if question_type is None else {
+        name: question_type == i for i, name in enumerate(QUESTION_TYPES)}
     metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
-                       getattr(dataset, 'is_relational', None))
+                       getattr(dataset, 'is_relational', None), groups)
     results = dict(
         model=args.model, checkpoint=args.checkpoint or None, use_ema=args.use_ema, pretrained=args.pretrained,
         dataset=args.dataset,

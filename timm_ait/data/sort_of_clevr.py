@@ -51,6 +51,7 @@ __all__ = [
     "ANSWERS",
     "QUESTION_DIM",
     "NUM_ANSWERS",
+    "QUESTION_TYPES",
     "generate_sort_of_clevr",
     "sample_scenes",
     "render_scenes",
@@ -79,6 +80,8 @@ QUESTIONS_PER_KIND = 10
 QUESTION_DIM = NUM_OBJECTS + 2 + NUM_SUBTYPES
 NUM_ANSWERS = len(ANSWERS)
 QUESTION_SETS = ("all", "relational", "non_relational")
+# One name per (kind, subtype), non-relational first: the table above, row by row.
+QUESTION_TYPES = ("shape", "left", "top", "nearest_shape", "farthest_shape", "count")
 DEFAULT_SIZES = {"train": 9_800, "test": 200}
 
 # Bump when the generator changes, so that old cache files are not mistaken for new data.
@@ -260,8 +263,9 @@ class SortOfClevr(Dataset):
             (3, 75, 75) in [0, 1].
         progress: show a progress bar on stderr while generating.
 
-    Per item, ``questions`` (M, 11), ``answers`` (M,), ``is_relational`` (M,) and
-    ``image_index`` (M,) index into ``images`` (N, 75, 75, 3), ``centers`` and ``shapes``.
+    Per item, ``questions`` (M, 11), ``answers`` (M,), ``is_relational`` (M,),
+    ``question_type`` (M,) (an index into ``QUESTION_TYPES``) and ``image_index`` (M,), which
+    indexes ``images`` (N, 75, 75, 3), ``centers`` and ``shapes``.
     """
 
     num_classes = NUM_ANSWERS
@@ -302,9 +306,10 @@ class SortOfClevr(Dataset):
                 "non_relational": ~relational}[questions]
         self.image_index = np.repeat(np.arange(self.num_images), arrays["answers"].shape[1])[keep]
         self.is_relational = relational[keep]
+        subtypes = arrays["question_subtypes"].reshape(-1)[keep]
+        self.question_type = NUM_SUBTYPES * self.is_relational.astype(np.int64) + subtypes
         self.questions = encode_questions(arrays["question_colors"].reshape(-1)[keep],
-                                          self.is_relational,
-                                          arrays["question_subtypes"].reshape(-1)[keep])
+                                          self.is_relational, subtypes)
         self.answers = arrays["answers"].reshape(-1)[keep]
 
     def __len__(self) -> int:
