@@ -56,11 +56,10 @@ def evaluate(
         relational = np.asarray(relational, dtype=bool)
         masks.update(relational=relational, non_relational=~relational)
     masks.update({name: np.asarray(mask, dtype=bool) for name, mask in (groups or {}).items()})
-    num_items = len(loader.dataset) if hasattr(loader, 'dataset') else None
     for name, mask in masks.items():
-        if mask.ndim != 1 or (num_items is not None and len(mask) != num_items):
+        if mask.shape != (len(loader.dataset),):
             raise ValueError(f'group {name!r} needs one bool per item of the evaluation set '
-                             f'({num_items if num_items is not None else "any number of"}), got shape {mask.shape}')
+                             f'({len(loader.dataset)}), got shape {mask.shape}')
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction='sum')
     loss_sum, correct1, correct5, seen = 0.0, [], 0, 0
@@ -81,7 +80,7 @@ def evaluate(
     # plain floats: they are saved in checkpoints, which load with weights_only=True
     metrics = OrderedDict(loss=loss_sum / seen, top1=100.0 * float(correct1.mean()), top5=100.0 * correct5 / seen)
     for name, mask in masks.items():
-        mask = mask[:seen]
+        mask = mask[:seen]  # a loader that drops its last partial batch
         if mask.any():  # a set of one kind of question has no figure for the other
             metrics[f'{name}_top1'] = 100.0 * float(correct1[mask].mean())
     return metrics

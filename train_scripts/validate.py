@@ -105,11 +105,11 @@ def validate(args) -> dict:
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
         use_prefetcher=device.type == 'cuda' and not two_inputs, persistent_workers=False)
-    start = time.time()
     # Sort-of-CLEVR: top-1 of each kind of question too (nearest, farthest, count, ...)
     question_type = getattr(dataset, 'question_type', None)
     groups = None if question_type is None else {
         name: question_type == i for i, name in enumerate(QUESTION_TYPES)}
+    start = time.time()
     metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
                        getattr(dataset, 'is_relational', None), groups)
     results = dict(
