@@ -141,3 +141,40 @@ def test_a_finished_run_is_drawn_before_the_next_run_starts(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_evidence.main(['--runs', 'sort_of_clevr-ait-seed0', 'sort_of_clevr-vit-seed0'])
     assert events == [('publish', 'sort_of_clevr-ait-seed0'), ('plot', 'sort_of_clevr')]
+
+
+def test_sigterm_stops_a_background_run_and_records_the_part(tmp_path):
+    """`pkill -TERM -f run_evidence.py` (SIGINT is ignored in the background): train.py stops, the part has an end."""
+    import os
+    import signal
+    import subprocess
+    import time
+    pid_file = tmp_path / 'train.pid'
+    fake_python = tmp_path / 'python'
+    fake_python.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n')
+    fake_python.chmod(0o755)
+    out = tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_scripts' / 'run_evidence.py'), '--runs', 'triangle-ait',
+                             '--python', str(fake_python), '--output', str(out), '--results-dir', str(tmp_path / 'res')],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under nohup ... &
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+        train_pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.returncode != 0
+        [part] = json.loads((out / 'triangle-ait' / 'parts.json').read_text())
+        assert part['ended'] and part['epochs_done'] == 0
+        with pytest.raises(ProcessLookupError):  # the fake train.py was killed and reaped
+            os.kill(train_pid, 0)
+    finally:
+        proc.kill()
+        if pid_file.exists() and pid_file.read_text().strip():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -23,6 +23,8 @@ environment (timm_ait.cpu_speed.CPU_TRAINING_ENV):
    have finished. A run that has not finished writes nothing there.
 
 Stop it at any time (Ctrl-C, a session's end): the next invocation continues the run it was in.
+Started in the background (``nohup ... &``), it ignores SIGINT as background jobs do; stop it with
+``pkill -TERM -f run_evidence.py``, which does what Ctrl-C does (train.py stops, the part is recorded).
 """
 import argparse
 import csv
@@ -31,6 +33,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -286,8 +289,15 @@ def parse_args(argv=None):
     return args
 
 
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt(f'stopped by signal {signum}')
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # a background job ignores SIGINT; SIGTERM then stops it as Ctrl-C would: subprocess.run kills
+    # train.py (which resumes from its last checkpoint) and train_run records the part with its end
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     runs = [r for r in RUNS if args.runs is None or r.name in args.runs]
     env = dict(CPU_TRAINING_ENV)
     for run in runs:
