@@ -1,6 +1,7 @@
 """Pieces shared by the training and validation scripts: evaluation, checkpoints, AMP."""
 import argparse
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from contextlib import nullcontext
@@ -13,7 +14,7 @@ from torch import nn
 
 from .checkpoint import verify_digest
 
-__all__ = ['to_device', 'amp_context', 'evaluate', 'check_state_dict', 'load_training_checkpoint', 'model_state_dict',
+__all__ = ['to_device', 'amp_context', 'evaluate', 'report_results', 'check_state_dict', 'load_training_checkpoint', 'model_state_dict',
            'state_digest', 'check_checkpoint_arch', 'MODEL_SETTINGS', 'resolve_model_settings', 'model_build_kwargs']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -84,6 +85,16 @@ def evaluate(
         if mask.any():  # a set of one kind of question has no figure for the other
             metrics[f'{name}_top1'] = 100.0 * float(correct1[mask].mean())
     return metrics
+
+
+def report_results(results: Dict[str, Any], results_file: str = '') -> None:
+    """Print ``results`` as JSON, and write them to ``results_file`` too when one is given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if results_file:
+        os.makedirs(os.path.dirname(os.path.abspath(results_file)), exist_ok=True)
+        with open(results_file, 'w') as f:
+            f.write(text + '\n')
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:

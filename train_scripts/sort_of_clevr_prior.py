@@ -8,13 +8,12 @@ A "relational" figure at this floor means the model answers from the question's 
     python train_scripts/sort_of_clevr_prior.py --data-dir data --seed 0 --results-file prior.json
 """
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
 
 from timm_ait.data.sort_of_clevr import COLORS, NUM_ANSWERS, QUESTION_TYPES, SortOfClevr
+from timm_ait.engine import report_results
 
 
 NUM_QUESTIONS = len(COLORS) * len(QUESTION_TYPES)
@@ -59,12 +58,7 @@ def main(argv=None) -> dict:
     test = SortOfClevr(split='test', num_images=args.test_num_images, **data)
     results = dict(baseline='most common training answer per question', seed=args.seed,
                    num_samples=len(test), **score(prior_answers(train), test))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.results_file:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-        with open(args.results_file, 'w') as f:
-            f.write(text + '\n')
+    report_results(results, args.results_file)
     return results
 
 

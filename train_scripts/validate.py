@@ -8,9 +8,7 @@ The model runs in eval mode: its memory is frozen and a sample's prediction does
 the rest of its batch, so any batch size gives the same result (the paper evaluates with 1).
 """
 import argparse
-import json
 import logging
-import os
 import sys
 import time
 
@@ -25,7 +23,7 @@ from timm_ait.data.factory import DATASETS, check_num_classes, create_ait_datase
 from timm_ait.data.sort_of_clevr import QUESTION_TYPES
 from timm_ait.engine import (
     amp_context, check_state_dict, evaluate, load_training_checkpoint, model_build_kwargs, model_state_dict,
-    check_checkpoint_arch, resolve_model_settings,
+    check_checkpoint_arch, report_results, resolve_model_settings,
 )
 
 _logger = logging.getLogger('validate')
@@ -129,12 +127,7 @@ def main(argv=None) -> dict:
     setup_default_logging()
     args = build_parser().parse_args(argv)
     results = validate(args)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.results_file:
-        os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-        with open(args.results_file, 'w') as f:
-            f.write(text + '\n')
+    report_results(results, args.results_file)
     return results
 
 
