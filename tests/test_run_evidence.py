@@ -155,7 +155,8 @@ def test_sigterm_stops_a_background_run_and_records_the_part(tmp_path):
     fake_python.chmod(0o755)
     out = tmp_path / 'out'
     proc = subprocess.Popen([sys.executable, str(REPO / 'train_scripts' / 'run_evidence.py'), '--runs', 'triangle-ait',
-                             '--python', str(fake_python), '--output', str(out), '--results-dir', str(tmp_path / 'res')],
+                             '--python', str(fake_python), '--output', str(out),
+                             '--results-dir', str(tmp_path / 'res')],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under nohup ... &
     try:
@@ -165,8 +166,9 @@ def test_sigterm_stops_a_background_run_and_records_the_part(tmp_path):
             time.sleep(0.1)
         train_pid = int(pid_file.read_text())
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        output = proc.communicate(timeout=30)[0].decode()
         assert proc.returncode != 0
+        assert 'triangle-ait: stopped at epoch 0 of' in output and 'Traceback' not in output, output
         [part] = json.loads((out / 'triangle-ait' / 'parts.json').read_text())
         assert part['ended'] and part['epochs_done'] == 0
         with pytest.raises(ProcessLookupError):  # the fake train.py was killed and reaped
@@ -178,3 +180,24 @@ def test_sigterm_stops_a_background_run_and_records_the_part(tmp_path):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.parametrize('body, says', [
+    ('kill -TERM $$', 'train.py died with SIGTERM); the same command resumes it'),  # `pkill -TERM -f train.py`
+    ('exit 3', 'train.py failed with exit status 3 (its output is above)'),
+])
+def test_a_stopped_or_failed_train_py_ends_in_one_line_not_a_traceback(tmp_path, body, says):
+    import subprocess
+    fake_python = tmp_path / 'python'
+    fake_python.write_text(f'#!/bin/sh\n{body}\n')
+    fake_python.chmod(0o755)
+    proc = subprocess.run([sys.executable, str(REPO / 'train_scripts' / 'run_evidence.py'), '--runs', 'triangle-ait',
+                           '--python', str(fake_python), '--output', str(tmp_path / 'out'),
+                           '--results-dir', str(tmp_path / 'res')],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith('== triangle-ait: stopped at epoch 0 of ') and says in last_line, proc.stderr
+    assert 'Traceback' not in proc.stderr
+    [part] = json.loads((tmp_path / 'out' / 'triangle-ait' / 'parts.json').read_text())
+    assert part['ended'] and part['epochs_done'] == 0

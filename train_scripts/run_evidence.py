@@ -301,10 +301,25 @@ def main(argv=None) -> None:
     runs = [r for r in RUNS if args.runs is None or r.name in args.runs]
     env = dict(CPU_TRAINING_ENV)
     for run in runs:
-        if train_run(run, args, env):
-            publish_results(run, args, env)
-            # now, not after the last run of the call: stopping a later run must not leave this one undrawn
-            plot_group(run.group, args)
+        try:
+            if train_run(run, args, env):
+                publish_results(run, args, env)
+        except (KeyboardInterrupt, subprocess.CalledProcessError) as e:
+            sys.exit(stopped_message(run, args, e))
+        # now, not after the last run of the call: stopping a later run must not leave this one undrawn
+        plot_group(run.group, args)
+
+
+def stopped_message(run: Run, args, error: BaseException) -> str:
+    """One line for a run stopped by a signal (to itself or to train.py) or failed in a step, not a traceback."""
+    folder = run_dir(args.output, run)
+    where = f'at epoch {epochs_done(folder)} of {total_epochs(run, folder)}'
+    if isinstance(error, subprocess.CalledProcessError) and error.returncode > 0:
+        return (f'== {run.name}: stopped {where}: {os.path.basename(error.cmd[1])} failed with exit status '
+                f'{error.returncode} (its output is above)')
+    cause = (f'{os.path.basename(error.cmd[1])} died with {signal.Signals(-error.returncode).name}'
+             if isinstance(error, subprocess.CalledProcessError) else str(error) or 'interrupted')
+    return f'== {run.name}: stopped {where} ({cause}); the same command resumes it from its last checkpoint'
 
 
 if __name__ == '__main__':
