@@ -138,7 +138,7 @@ def test_a_finished_run_is_drawn_before_the_next_run_starts(monkeypatch):
         return True
 
     monkeypatch.setattr(run_evidence, 'train_run', train_run)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match='sort_of_clevr-vit-seed0: stopped at epoch 0 of'):
         run_evidence.main(['--runs', 'sort_of_clevr-ait-seed0', 'sort_of_clevr-vit-seed0'])
     assert events == [('publish', 'sort_of_clevr-ait-seed0'), ('plot', 'sort_of_clevr')]
 

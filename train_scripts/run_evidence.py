@@ -176,7 +176,15 @@ def execute(command: Sequence[str], env: Dict[str, str], dry_run: bool) -> None:
     print(f'$ {shell(command, env)}', flush=True)
     if dry_run:
         return
-    subprocess.run(list(command), cwd=REPO, env={**os.environ, **env}, check=True)
+    with subprocess.Popen(list(command), cwd=REPO, env={**os.environ, **env}) as process:
+        try:
+            returncode = process.wait()
+        except BaseException:  # stopped (SIGTERM raises KeyboardInterrupt): kill the step and reap it, not a zombie
+            process.kill()
+            process.wait()
+            raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, list(command))
 
 
 def train_run(run: Run, args, env: Dict[str, str]) -> bool:
