@@ -15,7 +15,8 @@ from torch import nn
 from .checkpoint import verify_digest
 
 __all__ = ['to_device', 'amp_context', 'evaluate', 'report_results', 'check_state_dict', 'load_training_checkpoint',
-           'model_state_dict', 'state_digest', 'check_checkpoint_arch', 'MODEL_SETTINGS', 'resolve_model_settings', 'model_build_kwargs']
+           'model_state_dict', 'state_digest', 'check_checkpoint_arch', 'MODEL_SETTINGS', 'resolve_model_settings',
+           'model_build_kwargs']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
