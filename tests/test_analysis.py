@@ -62,6 +62,36 @@ def test_diversity_score_of_constructed_gates():
     assert diversity_score(BottleneckGates(torch.full((2, 3, 6), 1 / 6), None, 6)) == pytest.approx(1 / 3)
 
 
+def test_a_collapsed_memory_reads_as_collapsed():
+    # every slot the same prior: the same query, so every slot keeps the same k patches in every head
+    model = tiny_model()
+    for block in model.blocks:
+        block.mlp.memory.memory.copy_(torch.randn(1, 8).expand(6, 8))
+    batch, tokens, k, heads, slots = 8, 16, 10, 2, 6
+    for layer in analyze(model, torch.randn(batch, 3, 16, 16)):
+        assert layer.memory_slot_cosine == pytest.approx(1.0)
+        assert layer.diversity == pytest.approx(1 / slots)
+        # the load alone, k patches of the pool of T taken by all S slots: Var/mean^2 = (T/k - 1) T/(T-1)
+        pool = batch * tokens
+        assert layer.balance_loss >= heads * (pool / k - 1) * pool / (pool - 1) * (1 - 1e-5)
+    for layer in analyze(tiny_model(), torch.randn(batch, 3, 16, 16)):  # the random initial memory
+        assert abs(layer.memory_slot_cosine) < 0.5 and layer.diversity > 1 / slots
+        assert layer.balance_loss < heads * (batch * tokens / k - 1)
+
+
+def test_a_question_answering_ait_is_analysed_with_its_questions():
+    torch.manual_seed(0)
+    model = timm.create_model('ait_small_w256_patch15_75', **dict(TINY, img_size=75)).eval()
+    images, questions = torch.rand(4, 3, 75, 75), torch.eye(11)[:4]
+    layers = analyze(model, images, questions)
+    assert [layer.name for layer in layers] == ['blocks.0.mlp', 'blocks.1.mlp']
+    for layer in layers:
+        # the 5 x 5 patches only: the question token, last in each sample's tokens, is not on the grid
+        assert layer.attention.shape == (6, 5, 5)
+        assert torch.all(layer.attention.sum(dim=(1, 2)) <= 1 + 1e-6)
+        assert layer.chance_frequency == pytest.approx(10 / (4 * 26))
+
+
 def test_slot_maps_put_each_selection_at_its_grid_position():
     # a batch of 2 images of 2x2 patches: pool index = sample * 4 + position
     indices = torch.tensor([[[3, 7], [4, 1]]] * 2)  # (heads, slots, k)
@@ -116,6 +146,35 @@ def test_analyze_script_writes_png_and_json(tmp_path, capsys):
         assert layer['energy']['after_mean'] <= layer['energy']['before_mean']
         assert len(layer['attention']) == 6
     assert 'diversity' in capsys.readouterr().out
+
+
+def test_analyze_script_on_sort_of_clevr_takes_one_question_an_image(tmp_path, capsys):
+    analyze_script = load_analyze_script()
+    kwargs = [f'{k}={v}' for k, v in dict(TINY, img_size=75).items()]
+    out = tmp_path / 'analysis'
+    seen = []
+    real_analyze = analyze_script.analyze
+
+    def spy(model, images, questions=None):
+        seen.append((images, questions))
+        return real_analyze(model, images, questions)
+
+    analyze_script.analyze = spy
+    analyze_script.main(['-m', 'ait_small_w256_patch15_75', '--model-kwargs', *kwargs, '--dataset', 'sort-of-clevr',
+                         '--data-dir', str(tmp_path / 'data'), '--num-samples', '3', '-b', '8',
+                         '--output', str(out)])
+    from timm_ait.data import SortOfClevr
+    dataset = SortOfClevr(root=str(tmp_path / 'data'), split='test', num_images=3, progress=False)
+    images, questions = seen[0]
+    assert images.shape == (3, 3, 75, 75)  # one item an image, however large the batch asked for
+    for i in range(3):  # image i with its question i
+        (image, question), _ = dataset[20 * i + i]
+        assert torch.equal(images[i], image) and torch.equal(questions[i], question)
+    result = json.loads((out / 'analysis.json').read_text())
+    assert result['dataset'] == 'sort-of-clevr' and result['num_images'] == 3
+    for layer in result['layers']:
+        assert -1 <= layer['memory_slot_cosine'] <= 1 and layer['balance_loss'] >= 0
+    assert 'slot cosine' in capsys.readouterr().out
 
 
 def test_analyze_script_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """What an AiT does with its memory: the paper's Fig. 4 (each prior's bottleneck attention over
 the patch positions), Fig. 8 (diversity of the selected patches) and Fig. 9 (Hopfield energy of
-the patches before and after the read).
+the patches before and after the read), with what says whether a layer's memory has collapsed:
+the mean cosine between its priors and the balance loss of its gates.
 
 :func:`analyze` runs one forward in which every Global Workspace Layer writes as in training,
 on a deep copy of the model, so that the model and its memory are never changed, and returns a
@@ -19,7 +20,10 @@ import numpy
 import torch
 from torch import nn
 
-from .layers import BottleneckGates, GlobalWorkspaceLayer, HopfieldRetrieval, hopfield_energy
+from .layers import (
+    BottleneckGates, GlobalWorkspaceLayer, HopfieldRetrieval, balance_loss_from_gates, hopfield_energy,
+    mean_slot_cosine,
+)
 
 __all__ = [
     'GWLRecord', 'LayerAnalysis', 'record_gwl_forward', 'selection_mask', 'diversity_score',
@@ -37,9 +41,11 @@ class GWLRecord:
     ``gates`` are those of the memory write over the squashed batch of B*N patches; ``states``
     (B, N, D) are the patches the Hopfield read starts from and ``retrieved`` what it returns,
     with ``attractors`` (S, D) the up-projected memory it used. The last two are None for the
-    'no Hopfield' ablation, whose read is a cross-attention.
+    'no Hopfield' ablation, whose read is a cross-attention. ``memory`` (S, m) is the memory the
+    forward started from.
     """
     gates: BottleneckGates
+    memory: torch.Tensor
     states: torch.Tensor
     retrieved: Optional[torch.Tensor]
     attractors: Optional[torch.Tensor]
@@ -54,8 +60,14 @@ def _gwl_layers(model: nn.Module) -> Dict[str, GlobalWorkspaceLayer]:
 
 
 @torch.no_grad()
-def record_gwl_forward(model: nn.Module, images: torch.Tensor) -> Dict[str, GWLRecord]:
+def record_gwl_forward(
+        model: nn.Module,
+        images: torch.Tensor,
+        questions: Optional[torch.Tensor] = None,
+) -> Dict[str, GWLRecord]:
     """Record every GWL of one forward of ``images`` in which the memory is written as in training.
+
+    ``questions`` go to a model that answers questions about the images, ``model(images, questions)``.
 
     The forward runs on a deep copy of ``model``: the write changes the copy's memory only. In
     the copy, only the GWLs are switched to training, so dropout and drop-path stay off and the
@@ -72,11 +84,15 @@ def record_gwl_forward(model: nn.Module, images: torch.Tensor) -> Dict[str, GWLR
         # a copy, so that whatever the layer later does to its h in place cannot change the record
         store['states'], store['memory'] = args[0].clone(), args[1]
 
+    before = {name: gwl.memory.memory.clone() for name, gwl in layers.items()}
     for name, gwl in layers.items():
         gwl.training = True  # this module only: its children (dropouts) stay in eval
         gwl.write_attn.register_forward_hook(partial(keep_gates, seen[name]))
         gwl.read.register_forward_pre_hook(partial(keep_read_inputs, seen[name]), with_kwargs=True)
-    probe(images)
+    if questions is None:
+        probe(images)
+    else:
+        probe(images, questions)
 
     records = {}
     for name, gwl in layers.items():
@@ -84,6 +100,7 @@ def record_gwl_forward(model: nn.Module, images: torch.Tensor) -> Dict[str, GWLR
         hopfield = isinstance(gwl.read, HopfieldRetrieval)
         records[name] = GWLRecord(
             gates=store['gates'],
+            memory=before[name],
             states=store['states'],
             retrieved=gwl.read(store['states'], store['memory']) if hopfield else None,
             attractors=gwl.read.attractors(store['memory']) if hopfield else None,
@@ -118,6 +135,7 @@ def slot_attention_maps(
         batch_size: int,
         grid_size: Tuple[int, int],
         num_prefix_tokens: int = 0,
+        num_suffix_tokens: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Each slot's bottleneck attention over the patch positions (Fig. 4).
 
@@ -125,7 +143,8 @@ def slot_attention_maps(
     summed over the batch (a slot's map sums to one, prefix tokens aside); ``frequency``
     (S, gh, gw): the share of (head, sample) pairs in which the slot selected the patch at that
     position; and ``chance``: the frequency a position would have if the slot's k selections
-    ignored position (k / T). Prefix tokens (class token) are left out.
+    ignored position (k / T). Prefix tokens (class token) and suffix tokens (the question token of
+    a question-answering AiT) are left out.
     """
     heads, slots, pool = gates.weights.shape[0], gates.weights.shape[1], gates.num_patches
     tokens = pool // batch_size
@@ -133,8 +152,8 @@ def slot_attention_maps(
     attention = gates.dense().float().mean(0).view(slots, batch_size, tokens).sum(1)
     frequency = selection_mask(gates).float().view(heads, slots, batch_size, tokens).mean(dim=(0, 2))
     kept = pool if gates.indices is None else gates.indices.shape[-1]
-    return (attention[:, num_prefix_tokens:].reshape(grid), frequency[:, num_prefix_tokens:].reshape(grid),
-            kept / pool)
+    patches = slice(num_prefix_tokens, tokens - num_suffix_tokens)
+    return attention[:, patches].reshape(grid), frequency[:, patches].reshape(grid), kept / pool
 
 
 def hopfield_energies(record: GWLRecord) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +180,8 @@ class LayerAnalysis:
     chance_frequency: float
     diversity: float
     diversity_ceiling: float
+    memory_slot_cosine: float  # mean cosine between the priors; 1 when the memory has collapsed to one
+    balance_loss: float  # of the gates, as training sees it (AiT eq. 4-6)
     energy_before: Optional[torch.Tensor]  # (B, N); None without a Hopfield read
     energy_after: Optional[torch.Tensor]
 
@@ -172,6 +193,8 @@ class LayerAnalysis:
             grid_size=list(self.attention.shape[1:]),
             diversity=self.diversity,
             diversity_ceiling=self.diversity_ceiling,
+            memory_slot_cosine=self.memory_slot_cosine,
+            balance_loss=self.balance_loss,
             chance_frequency=self.chance_frequency,
             attention=self.attention.tolist(),
             selection_frequency=self.selection_frequency.tolist(),
@@ -191,14 +214,19 @@ class LayerAnalysis:
         return result
 
 
-def analyze(model: nn.Module, images: torch.Tensor) -> List[LayerAnalysis]:
-    """Analyse every GWL of ``model`` (a timm ViT-style model with a ``patch_embed``) on ``images``."""
+def analyze(model: nn.Module, images: torch.Tensor, questions: Optional[torch.Tensor] = None) -> List[LayerAnalysis]:
+    """Analyse every GWL of ``model`` (a timm ViT-style model with a ``patch_embed``) on ``images``.
+
+    A question-answering AiT also takes ``questions``; its question token is left out of the maps.
+    """
     grid_size = tuple(model.patch_embed.grid_size)
     num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
+    num_suffix_tokens = 0 if questions is None else getattr(model, 'num_question_tokens', 0)
     batch_size = images.shape[0]
     analyses = []
-    for name, record in record_gwl_forward(model, images).items():
-        attention, frequency, chance = slot_attention_maps(record.gates, batch_size, grid_size, num_prefix_tokens)
+    for name, record in record_gwl_forward(model, images, questions).items():
+        attention, frequency, chance = slot_attention_maps(
+            record.gates, batch_size, grid_size, num_prefix_tokens, num_suffix_tokens)
         mask = selection_mask(record.gates)
         per_slot = mask.sum(-1).max().item()
         slots = mask.shape[1]
@@ -210,6 +238,8 @@ def analyze(model: nn.Module, images: torch.Tensor) -> List[LayerAnalysis]:
             chance_frequency=chance,
             diversity=diversity_score(record.gates),
             diversity_ceiling=min(record.gates.num_patches, slots * per_slot) / (slots * per_slot),
+            memory_slot_cosine=mean_slot_cosine(record.memory),
+            balance_loss=balance_loss_from_gates(record.gates).item(),
             energy_before=None if energy_before is None else energy_before.cpu(),
             energy_after=None if energy_after is None else energy_after.cpu(),
         ))

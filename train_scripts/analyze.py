@@ -5,21 +5,29 @@
         --dataset triangle --output output/analysis
 
 Writes ``analysis.json``, ``attention_<layer>.png`` (paper Fig. 4) and ``energy.png`` (Fig. 9)
-into ``--output``; the diversity score (Fig. 8) is in the JSON and the figure titles. Without
-``--dataset`` the images are random (standard normal in the model's normalised input space).
+into ``--output``; the diversity score (Fig. 8) is in the JSON and the figure titles, as are each
+layer's mean cosine between its priors (1: the memory has collapsed to one prior) and the balance loss
+of its gates. Without ``--dataset`` the images are random (standard normal in the model's normalised
+input space). With ``--dataset sort-of-clevr`` the model is a question-answering AiT and image i of
+the split comes with its question i mod 20, so that, as in a shuffled training batch, no two items
+share an image and every kind of question is asked::
+
+    python train_scripts/analyze.py -m ait_small_w256_patch15_75 --model-kwargs ablation=no_hopfield \\
+        --checkpoint .../last.pth.tar --dataset sort-of-clevr --output output/analysis
 The model and its memory are not changed (see ``timm_ait.analysis``). Needs matplotlib:
 ``pip install 'timm-ait[analysis]'``.
 """
 import argparse
 import sys
 
+import numpy
 import torch
 from timm.data import create_transform, resolve_data_config
 from timm.utils import ParseKwargs
 
 from timm_ait.analysis import analyze, load_model, require_matplotlib, save_analysis
 
-DATASETS = ('triangle',)
+DATASETS = ('triangle', 'sort-of-clevr')
 
 
 def parse_args(argv=None):
@@ -46,15 +54,26 @@ def parse_args(argv=None):
 
 
 def load_images(args, data_config):
-    """A (B, C, H, W) batch in the model's normalised input space."""
+    """A (B, C, H, W) batch in the model's normalised input space, and its (B, Q) questions or None."""
     if args.dataset is None:
         generator = torch.Generator().manual_seed(args.seed)
-        return torch.randn(args.batch_size, *data_config['input_size'], generator=generator)
+        return torch.randn(args.batch_size, *data_config['input_size'], generator=generator), None
+    transform = create_transform(**data_config)
+    if args.dataset == 'sort-of-clevr':
+        from timm_ait.data import SortOfClevr
+        dataset = SortOfClevr(root=args.data_dir, split=args.split, num_images=args.num_samples,
+                              seed=args.seed, transform=transform, progress=False)
+        # the index of the first item of each image (an image's items are consecutive)
+        firsts = numpy.flatnonzero(numpy.diff(numpy.asarray(dataset.image_index), prepend=-1))
+        counts = numpy.diff(numpy.append(firsts, len(dataset)))
+        count = min(args.batch_size, len(firsts))
+        inputs = [dataset[int(firsts[i] + i % counts[i])][0] for i in range(count)]
+        return torch.stack([image for image, _ in inputs]), torch.stack([question for _, question in inputs])
     from timm_ait.data import TriangleDataset
     dataset = TriangleDataset(root=args.data_dir, split=args.split, num_samples=args.num_samples,
-                              seed=args.seed, transform=create_transform(**data_config))
+                              seed=args.seed, transform=transform)
     count = min(args.batch_size, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(count)])
+    return torch.stack([dataset[i][0] for i in range(count)]), None
 
 
 def main(argv=None):
@@ -68,8 +87,8 @@ def main(argv=None):
     data_config = resolve_data_config({}, model=model)
     # the size the model was built at, which model kwargs may have changed from its config's
     data_config['input_size'] = (data_config['input_size'][0], *model.patch_embed.img_size)
-    images = load_images(args, data_config)
-    layers = analyze(model, images.to(args.device))
+    images, questions = load_images(args, data_config)
+    layers = analyze(model, images.to(args.device), None if questions is None else questions.to(args.device))
 
     mean = torch.tensor(data_config['mean']).view(-1, 1, 1)
     std = torch.tensor(data_config['std']).view(-1, 1, 1)
@@ -80,7 +99,8 @@ def main(argv=None):
     for layer in layers:
         energy_text = ('' if layer.energy_before is None else
                        f', mean energy {layer.energy_before.mean():.3f} -> {layer.energy_after.mean():.3f}')
-        print(f'{layer.name}: diversity {layer.diversity:.3f} (ceiling {layer.diversity_ceiling:.3f}){energy_text}')
+        print(f'{layer.name}: diversity {layer.diversity:.3f} (ceiling {layer.diversity_ceiling:.3f}), '
+              f'slot cosine {layer.memory_slot_cosine:.3f}, balance loss {layer.balance_loss:.1f}{energy_text}')
     print('wrote ' + ', '.join(paths))
 
 
