@@ -450,6 +450,15 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
      ['Block iterations:** each block applied 2 times', '`lcoeff=0.001`'], ['Global Workspace']),
     ('ait_small_patch4_32', dict(gwl=False, embed_dim=32, num_heads=2, num_classes=100), 'torch/cifar100',
      ['ViT twin', 'Global Workspace Layer:** none'], ['Memory slots', 'Hopfield beta']),
+    ('ait_small_patch4_32', dict(embed_dim=32, num_heads=2), 'torch/cifar10',
+     ['a bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back'],
+     ['ablation', 'n/a (cross-attention read)']),
+    ('ait_small_patch4_32', dict(ablation='no_hopfield', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ['a bottleneck attention (top-k', 'a multi-head cross-attention (no Hopfield', 'n/a (cross-attention read)'],
+     ['Hopfield network', 'no bottleneck']),
+    ('ait_small_patch4_32', dict(ablation='no_bottleneck', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ['a dense attention over all tokens (no bottleneck', 'Bottleneck k: none', 'a Hopfield network reads'],
+     ['a bottleneck attention', 'no Hopfield']),
 ])
 def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, present, absent):
     model = timm.create_model(model_name, **kwargs)

@@ -30,7 +30,12 @@ HUB_DATASET_IDS = {
 
 _AIT = ('An Associative Transformer (AiT) {task} trained on {dataset} with timm-ait, the AiT models for `timm`. '
         'Each block keeps timm\'s pre-norm self-attention and replaces the MLP with a Global Workspace Layer: '
-        'a bottleneck attention writes into a small explicit memory, and a Hopfield network reads it back.')
+        '{write} writes into a small explicit memory, and {read} reads it back.')
+# what the built layer does, so that an ablation's card does not describe the full model
+_AIT_WRITE = {True: 'a bottleneck attention (top-k patches per slot)',
+              False: 'a dense attention over all tokens (no bottleneck, the paper\'s ablation)'}
+_AIT_READ = {True: 'a Hopfield network',
+             False: 'a multi-head cross-attention (no Hopfield, the paper\'s ablation)'}
 _VIT_TWIN = ('The ViT twin of an Associative Transformer (AiT) {task}, trained on {dataset} with timm-ait: the '
              'same model with timm\'s MLP in place of the Global Workspace Layer (`gwl=False`), the baseline the '
              'AiT paper compares against.')
@@ -155,7 +160,10 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
         if getattr(model, 'lcoeff', 0):
             details.append(f'- **W2 penalty in training:** `lcoeff={model.lcoeff:g}`')
     elif settings := gwl_settings(model):
-        description = _AIT.format(task=task, dataset=dataset_title)
+        gwl = model.blocks[0].mlp  # gwl_settings found it
+        description = _AIT.format(task=task, dataset=dataset_title,
+                                  write=_AIT_WRITE[gwl.write_attn.bottleneck is not None],
+                                  read=_AIT_READ[hasattr(gwl.read, 'beta')])
         details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in settings]
     else:
         description = _VIT_TWIN.format(task=task, dataset=dataset_title)
