@@ -177,6 +177,21 @@ def test_analyze_script_on_sort_of_clevr_takes_one_question_an_image(tmp_path, c
     assert 'slot cosine' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('model_name,dataset,message', [
+    ('ait_small_w256_patch15_75', 'triangle', 'answers questions about images: analyse it with --dataset'),
+    ('ait_small_w256_patch15_75', None, 'answers questions about images'),
+    ('ait_small_patch4_32', 'sort-of-clevr', 'classifies images; --dataset sort-of-clevr is for a question-'),
+])
+def test_analyze_script_refuses_data_the_model_cannot_take(tmp_path, model_name, dataset, message):
+    analyze_script = load_analyze_script()
+    kwargs = dict(TINY, img_size=75 if model_name.endswith('_75') else 16)
+    args = ['-m', model_name, '--model-kwargs', *[f'{k}={v}' for k, v in kwargs.items()],
+            '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit, match=message):
+        analyze_script.main(args + (['--dataset', dataset] if dataset else []))
+    assert not (tmp_path / 'data').exists() and not (tmp_path / 'out').exists()  # before any work
+
+
 def test_analyze_script_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     analyze_script = load_analyze_script()
     monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # makes the import fail

@@ -14,6 +14,7 @@ share an image and every kind of question is asked::
 
     python train_scripts/analyze.py -m ait_small_w256_patch15_75 --model-kwargs ablation=no_hopfield \\
         --checkpoint .../last.pth.tar --dataset sort-of-clevr --output output/analysis
+
 The model and its memory are not changed (see ``timm_ait.analysis``). Needs matplotlib:
 ``pip install 'timm-ait[analysis]'``.
 """
@@ -84,6 +85,11 @@ def main(argv=None):
         sys.exit(str(error))
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                        **args.model_kwargs).to(args.device)
+    answers_questions = getattr(model, 'question_dim', None) is not None
+    if answers_questions != (args.dataset == 'sort-of-clevr'):
+        sys.exit(f'{args.model} answers questions about images: analyse it with --dataset sort-of-clevr'
+                 if answers_questions else
+                 f'{args.model} classifies images; --dataset sort-of-clevr is for a question-answering AiT')
     data_config = resolve_data_config({}, model=model)
     # the size the model was built at, which model kwargs may have changed from its config's
     data_config['input_size'] = (data_config['input_size'][0], *model.patch_embed.img_size)
