@@ -8,7 +8,7 @@ import torch
 
 import timm_ait
 from timm_ait.models.ait import ABLATIONS, AssociativeTransformer, checkpoint_filter_fn
-from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF
+from timm_ait.train.task import DEFAULT_BALANCE_LOSS_COEF
 
 # image-only models; the question-conditioned ones are tested in test_ait_relational.py
 AIT_NAMES = timm.list_models('ait_*', exclude_filters=['*_patch5_75', '*_patch15_75'])
@@ -147,18 +147,44 @@ def test_configuration_errors(kwargs, match):
         tiny(**kwargs)
 
 
-def test_bottleneck_none_is_the_dense_ablation_through_create_model():
-    # timm.create_model drops None keyword arguments; the README's bottleneck=None must still reach the model
-    for model in (tiny(bottleneck=None), tiny(ablation='no_bottleneck'),
-                  timm.create_model('ait_small_patch4_32.cifar10', **{**TINY, 'bottleneck': None}),
-                  timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2, bottleneck=None)):
+def test_bottleneck_none_string_is_the_dense_ablation_through_create_model():
+    # the string survives timm.create_model (which drops None arguments) and a saved config.json
+    for model in (tiny(bottleneck='none'), tiny(bottleneck='None'), tiny(ablation='no_bottleneck'),
+                  timm.create_model('ait_small_patch4_32.cifar10', **{**TINY, 'bottleneck': 'none'}),
+                  timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2, bottleneck='none')):
         assert all(blk.mlp.write_attn.bottleneck is None for blk in model.blocks)
+    assert tiny(bottleneck='none')._model_args['bottleneck'] == 'none'
     assert tiny().blocks[0].mlp.write_attn.bottleneck == 10
+    # None is "unset", as timm treats it: the variant's own k (512), not TINY's 10 and not dense
+    assert tiny(bottleneck=None).blocks[0].mlp.write_attn.bottleneck == 512
     assert timm.create_model('ait_small_patch4_32', embed_dim=32, num_heads=2).blocks[0].mlp.write_attn.bottleneck == 512
-    # the recorded factory arguments keep the None, so a saved config rebuilds the dense model
-    assert tiny(bottleneck=None)._model_args['bottleneck'] is None
-    # a model for which None means 'unset' still gets timm's behaviour
-    assert timm.create_model('vit_tiny_patch16_224', bottleneck=None, num_classes=3).num_classes == 3
+
+
+def test_import_leaves_timm_create_model_as_timm_wrote_it():
+    import timm.models._factory as factory
+    assert timm.create_model is factory.create_model and timm.models.create_model is factory.create_model
+    assert factory.create_model.__module__ == 'timm.models._factory'
+    assert not hasattr(factory.create_model, '__wrapped__')
+
+
+def test_bottleneck_none_built_directly_is_refused_naming_the_dense_value():
+    with pytest.raises(ValueError, match="bottleneck='none' for the dense ablation"):
+        AssociativeTransformer(img_size=16, patch_size=8, embed_dim=32, num_heads=2, num_slots=4, slot_dim=8,
+                               gwl_heads=2, bottleneck=None)
+
+
+@pytest.mark.parametrize('name', ['gwl', 'hopfield', 'self_attn', 'feed_forward', 'memory_l2norm', 'cap_bottleneck'])
+@pytest.mark.parametrize('text, value', [('false', False), ('False', False), ('true', True), ('TRUE', True)])
+def test_boolean_settings_given_as_words_mean_what_they_say(name, text, value):
+    # --model-kwargs gwl=false and YAML/JSON strings arrive as text; 'false' is truthy in Python
+    model, reference = tiny(**{name: text}), tiny(**{name: value})
+    assert str(model) == str(reference)
+
+
+@pytest.mark.parametrize('name', ['gwl', 'hopfield', 'memory_l2norm'])
+def test_boolean_settings_that_are_not_booleans_are_refused(name):
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'maybe'"):
+        tiny(**{name: 'maybe'})
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64, torch.uint8])

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train_scripts'))
-import benchmark  # noqa: E402  (the script; its memory probes import it by this name)
-from benchmark import BenchSettings, ModelSpec, StepTime, Workload  # noqa: E402
+from timm_ait import benchmark  # train_scripts/benchmark.py's code
+from timm_ait.benchmark import BenchSettings, ModelSpec, StepTime, Workload
 
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
 TINY_ARGS = [f'{k}={v}' for k, v in TINY.items()]
@@ -83,8 +82,8 @@ def test_models_alternate_in_each_repeat(monkeypatch):
 
 def test_compare_takes_a_model_name_or_changes_to_the_first_model():
     model = ModelSpec('ait_small_patch4_32', {'img_size': 16})
-    assert benchmark.compare_spec(['gwl=False', 'bottleneck=None'], model) == ModelSpec(
-        'ait_small_patch4_32', {'img_size': 16, 'gwl': False, 'bottleneck': None})
+    assert benchmark.compare_spec(['gwl=False', 'bottleneck=none'], model) == ModelSpec(
+        'ait_small_patch4_32', {'img_size': 16, 'gwl': False, 'bottleneck': 'none'})
     assert benchmark.compare_spec(['vit_tiny_patch16_224', 'num_classes=10'], model) == ModelSpec(
         'vit_tiny_patch16_224', {'num_classes': 10})
 

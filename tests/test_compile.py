@@ -9,8 +9,7 @@ import torch
 
 import timm_ait  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-import check_deployment as deploy  # noqa: E402
+from tools import check_deployment as deploy
 
 TINY = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
 

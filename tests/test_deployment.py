@@ -15,8 +15,7 @@ import torch
 import timm_ait  # noqa: F401
 from timm_ait.layers import GlobalWorkspaceLayer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-import check_deployment as deploy  # noqa: E402
+from tools import check_deployment as deploy
 
 # an AiT, an hmixer, and the question-answering AiT with both inputs
 MODELS = ('ait_small_patch4_32', 'hmixer_symbreak_s4_32', 'ait_small_patch5_75')

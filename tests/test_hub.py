@@ -83,14 +83,7 @@ print(json.dumps(dict(
 '''
 
 
-def _load_push_script():
-    spec = importlib.util.spec_from_file_location('push_to_hub', PUSH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-push_to_hub = _load_push_script()
+from timm_ait import publish as push_to_hub  # noqa: E402  (train_scripts/push_to_hub.py's code)
 
 
 def client_env(tmp_path, endpoint=None, token=None, **extra):

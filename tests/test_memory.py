@@ -23,12 +23,7 @@ def test_slot_similarity_is_the_mean_cosine_of_distinct_slot_pairs():
 def test_memory_collapse_tool_measures_the_write_pulling_slots_together():
     """tools/memory_collapse.py at toy size: the default write's slots drift together, the unit-row write's faster."""
     import argparse
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'tools' / 'memory_collapse.py'
-    spec = importlib.util.spec_from_file_location('memory_collapse', path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import memory_collapse as tool
     args = argparse.Namespace(dim=32, pool=64, k=8, slots=8, slot_dim=8, heads=2, writes=200, report=[1, 200], seed=0)
     default = [cos for _, cos, _ in tool.ours(args, l2=False)]
     unit_rows = [cos for _, cos, _ in tool.ours(args, l2=True)]

@@ -16,13 +16,15 @@ from timm.models import get_pretrained_cfg, group_parameters
 from timm.optim import create_optimizer_v2
 
 import timm_ait  # noqa: F401  (registers the models)
-from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint, model_state_dict
+from timm_ait.checkpoint import model_state_dict
+from timm_ait.checkpoint import read_checkpoint as load_training_checkpoint
+from timm_ait.run_model import check_checkpoint_arch
 from timm_ait.hub import HF_HUB_ORG, hf_hub_id
 from timm_ait.models.paramixer import (
     AUTHORS_MODELS, HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp,
     checkpoint_filter_fn,
 )
-from timm_ait.task import AiTClassificationTask
+from timm_ait.train.task import AiTClassificationTask
 
 BLOCK_TYPES = ('serial', 'parallel', 'symmetric', 'symbreak')
 # size tag -> (embed_dim, num_blocks, patch_size, img_size)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'train_scripts'))
-import plot_summary  # noqa: E402
+from tools import plot_summary  # noqa: E402
 
 FIXTURES = REPO / 'tests' / 'fixtures'
 WITH_TIME = FIXTURES / 'summary_with_train_time.csv'  # train.py with its train_time_s column

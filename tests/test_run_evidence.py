@@ -8,9 +8,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'train_scripts'))
-import run_evidence  # noqa: E402
-import train  # noqa: E402
+from timm_ait import train
+from tools import run_evidence
 
 TINY = ['--model-kwargs', 'embed_dim=32', 'num_heads=2', 'num_slots=6', 'slot_dim=8', 'gwl_heads=2',
         'bottleneck=16', 'patch_size=16', '--train-num-samples', '64', '--val-num-samples', '40', '--epochs', '2',
@@ -154,7 +153,7 @@ def test_sigterm_stops_a_background_run_and_records_the_part(tmp_path):
     fake_python.write_text(f'#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n')
     fake_python.chmod(0o755)
     out = tmp_path / 'out'
-    proc = subprocess.Popen([sys.executable, str(REPO / 'train_scripts' / 'run_evidence.py'), '--runs', 'triangle-ait',
+    proc = subprocess.Popen([sys.executable, str(REPO / 'tools' / 'run_evidence.py'), '--runs', 'triangle-ait',
                              '--python', str(fake_python), '--output', str(out),
                              '--results-dir', str(tmp_path / 'res')],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -191,7 +190,7 @@ def test_a_stopped_or_failed_train_py_ends_in_one_line_not_a_traceback(tmp_path,
     fake_python = tmp_path / 'python'
     fake_python.write_text(f'#!/bin/sh\n{body}\n')
     fake_python.chmod(0o755)
-    proc = subprocess.run([sys.executable, str(REPO / 'train_scripts' / 'run_evidence.py'), '--runs', 'triangle-ait',
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'run_evidence.py'), '--runs', 'triangle-ait',
                            '--python', str(fake_python), '--output', str(tmp_path / 'out'),
                            '--results-dir', str(tmp_path / 'res')],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

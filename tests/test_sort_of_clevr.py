@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from timm_ait.data import sort_of_clevr
-from timm_ait.engine import evaluate
+from timm_ait.train.evaluate import evaluate
 from timm_ait.data.sort_of_clevr import (
     ANSWERS,
     COLORS,
@@ -206,12 +206,7 @@ def test_items(tmp_path):
 
 def test_grid_of_questions_and_answers_is_drawn(tmp_path):
     pytest.importorskip("matplotlib")
-    import importlib.util
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "train_scripts" / "show_sort_of_clevr.py"
-    spec = importlib.util.spec_from_file_location("show_sort_of_clevr", script)
-    show = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(show)
+    from tools import show_sort_of_clevr as show
 
     dataset = make(tmp_path, split="test", num_images=5)
     items = show.questions_to_show(dataset, 3, 5)

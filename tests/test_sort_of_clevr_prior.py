@@ -10,8 +10,7 @@ import pytest
 from timm_ait.data.sort_of_clevr import SortOfClevr, decode_question
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'train_scripts'))
-import sort_of_clevr_prior  # noqa: E402
+from tools import sort_of_clevr_prior  # noqa: E402
 
 
 def test_the_floor_is_the_most_common_training_answer_of_each_question(tmp_path):

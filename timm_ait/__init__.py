@@ -7,3 +7,4 @@ from .version import __version__
 from .hub import HF_HUB_ORG
 from . import layers, models  # noqa: F401  (registers the models with timm)
 from .layers import balance_loss, memory_slot_similarity, reset_memory, skipped_memory_writes  # noqa: F401
+

@@ -27,7 +27,7 @@ from .layers import (
 
 __all__ = [
     'GWLRecord', 'LayerAnalysis', 'record_gwl_forward', 'selection_mask', 'diversity_score',
-    'slot_attention_maps', 'hopfield_energies', 'analyze', 'load_model', 'require_matplotlib',
+    'slot_attention_maps', 'hopfield_energies', 'analyze', 'require_matplotlib',
     'plot_slot_attention', 'plot_energy', 'save_analysis',
 ]
 
@@ -244,24 +244,6 @@ def analyze(model: nn.Module, images: torch.Tensor, questions: Optional[torch.Te
             energy_after=None if energy_after is None else energy_after.cpu(),
         ))
     return analyses
-
-
-def load_model(name: str, checkpoint: Optional[str] = None, pretrained: bool = False, **kwargs) -> nn.Module:
-    """A timm model in eval mode, with the weights (and memory) of ``checkpoint`` if given.
-
-    timm's ``load_checkpoint`` unwraps training checkpoints (EMA weights first); an AiT checks
-    the keys and shapes with its ``checkpoint_filter_fn``, which names what does not match.
-    """
-    import timm
-    from timm.models import load_checkpoint
-
-    from .models.ait import AssociativeTransformer, checkpoint_filter_fn
-
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if checkpoint:
-        filter_fn = checkpoint_filter_fn if isinstance(model, AssociativeTransformer) else None
-        load_checkpoint(model, checkpoint, filter_fn=filter_fn)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------- figures

@@ -1,23 +1,25 @@
-"""Training checkpoints that tell when they are damaged: a digest of their contents, inside the file.
+"""Checkpoint files: reading, checking and writing them (the only place that calls ``torch.load``).
 
 torch's checkpoint format checks nothing: a file with flipped bytes in its tensor data loads without
 complaint. The checkpoints the training script writes keep torch's format (``torch.load`` reads them as
 before) and carry one more entry, ``digest``: the SHA-256 of the canonical bytes of every other entry
 (tensors by dtype, shape and raw bytes; dicts with their keys sorted; numbers by their exact repr).
-:func:`verify_digest` recomputes it; ``timm_ait.engine.load_training_checkpoint`` refuses a file whose
-digest does not match. A file without a digest (older runs, other tools) loads as before.
+:func:`read_checkpoint` refuses a file whose digest does not match; a file without a digest (other
+tools) loads as before. Like timm's ``models/_helpers.py`` this module knows files and state dicts, not
+models' settings: rebuilding a run's model is ``timm_ait.run_model``'s job.
 """
 import argparse
 import hashlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+from torch import nn
 from timm.utils import CheckpointSaver
 from timm.utils.model import get_state_dict
 
-__all__ = ['DIGEST_KEY', 'content_digest', 'with_digest', 'verify_digest', 'DigestCheckpointSaver',
-           'verify_loaded_checkpoint']
+__all__ = ['DIGEST_KEY', 'content_digest', 'with_digest', 'verify_digest', 'read_checkpoint', 'checkpoint_epoch',
+           'model_state_dict', 'check_state_dict', 'state_digest', 'source_checkpoint', 'DigestCheckpointSaver']
 
 DIGEST_KEY = 'digest'
 
@@ -73,22 +75,93 @@ def verify_digest(checkpoint: Dict[str, Any], what: str = 'checkpoint') -> bool:
     return True
 
 
-def verify_loaded_checkpoint(state_dict: Dict[str, Any], model: Optional[torch.nn.Module] = None) -> None:
-    """The digest check for a ``checkpoint_filter_fn``.
+def _torch_load(path: str, mmap: bool = False) -> Any:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
 
-    A whole training checkpoint handed to the filter is checked directly. timm's own loader hands the
-    filter only the weights it took out of the file (the digest stays behind), so when the model is
-    being loaded from a file (``pretrained_cfg['file']``) that file's digest is checked, if it has one.
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint file (a training checkpoint or a bare state dict) as a dict, with a clear error.
+
+    Only plain data loads (``weights_only``; the training args as an ``argparse.Namespace``). A file
+    that carries a digest is refused if its contents do not match it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        checkpoint = _torch_load(path)
+    except Exception as e:  # a truncated file, not a torch file, unsafe contents
+        raise ValueError(f'checkpoint {path!r} cannot be read: {type(e).__name__}: {e}') from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a state dict')
+    verify_digest(checkpoint, f'checkpoint {path!r}')
+    return checkpoint
+
+
+def checkpoint_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` entry of a training checkpoint, its tensors left on disk; None if unreadable."""
+    try:  # memory-mapped: the tensors are not read
+        return int(_torch_load(path, mmap=True)['epoch'])
+    except Exception:
+        return None
+
+
+def model_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model weights of a training checkpoint (plain or EMA), DDP prefixes removed."""
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    if use_ema and key not in checkpoint:
+        raise ValueError('the checkpoint has no EMA weights (state_dict_ema); train with --model-ema')
+    state_dict = checkpoint.get(key, checkpoint.get('model', checkpoint))
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def check_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        what: str = 'checkpoint',
+        ignore: Sequence[str] = (),
+) -> None:
+    """Raise a ValueError naming every missing, unexpected or mis-shaped key (``ignore``: keys whose
+    absence or shape is someone else's business, e.g. a classifier that timm will reset)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict) - set(ignore))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(f'{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}'
+                        for k, v in state_dict.items()
+                        if k in expected and k not in ignore and v.shape != expected[k].shape)
+    problems = []
+    for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
+        if keys:
+            problems.append(f'{title}: ' + ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else ''))
+    if problems:
+        raise ValueError(f'{what} does not match {type(model).__name__}: ' + '; '.join(problems))
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (memory included), to show that ranks agree bit for bit."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_checkpoint(state_dict: Dict[str, Any], model: Optional[nn.Module] = None) -> Optional[Dict[str, Any]]:
+    """For a ``checkpoint_filter_fn``: the whole training checkpoint the weights came from, digest checked.
+
+    A training checkpoint handed to the filter is itself. timm's own loader hands the filter only the
+    weights it took out of the file (digest, ``arch`` and ``args`` stay behind), so when the model is
+    being loaded from a local torch file (``pretrained_cfg['file']``) that file is read once more.
+    None when there is no such checkpoint (a bare state dict, safetensors, the Hub).
     """
-    if DIGEST_KEY in state_dict:
+    if DIGEST_KEY in state_dict or 'args' in state_dict:
         verify_digest(state_dict)
-        return
+        return state_dict
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     path = cfg.get('file')
     if path and not cfg.get('state_dict') and cfg.get('source') != 'hf-hub' \
             and not str(path).endswith('.safetensors') and os.path.isfile(path):
-        from .engine import load_training_checkpoint  # it verifies the digest
-        load_training_checkpoint(path)
+        return read_checkpoint(path)
+    return None
 
 
 class DigestCheckpointSaver(CheckpointSaver):

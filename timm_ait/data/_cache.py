@@ -34,6 +34,7 @@ __all__ = [
     "progress_chunks",
     "cache_file",
     "load_or_generate",
+    "cached_dataset",
 ]
 
 SPLITS = ("train", "test")
@@ -199,3 +200,20 @@ def load_or_generate(path: Path, generate: Callable[[], Arrays], meta: Dict[str,
         warnings.warn(f"cannot write the cache file {path} ({type(err).__name__}: {err}); using the generated "
                       "data without caching it", stacklevel=3)
     return arrays
+
+
+def cached_dataset(
+        root: Optional[Union[str, Path]],
+        dataset: str,
+        split: str,
+        size_name: str,
+        size: int,
+        seed: int,
+        version: int,
+        generate: Callable[[], Arrays],
+) -> Tuple[Path, Arrays]:
+    """A generated dataset's arrays and cache file: loaded if the file holds this (dataset, split, size,
+    seed, version), else generated with ``generate()`` and written."""
+    path = cache_file(root, dataset, split, size, seed, version)
+    meta = {"dataset": dataset, "split": split, size_name: size, "seed": seed, "version": version}
+    return path, load_or_generate(path, generate, meta)

@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..constants import SORT_OF_CLEVR_ANSWERS, SORT_OF_CLEVR_QUESTION_DIM
 from ._cache import (
-    cache_file,
+    cached_dataset,
     check_int,
     check_split,
-    load_or_generate,
     progress_chunks,
     split_rng,
 )
@@ -73,11 +73,12 @@ COLORS = {
     "yellow": (255, 255, 0),
 }
 SHAPES = ("square", "circle")
-ANSWERS = ("yes", "no", "square", "circle", "1", "2", "3", "4", "5", "6")
+ANSWERS = SORT_OF_CLEVR_ANSWERS
 NUM_OBJECTS = len(COLORS)
 NUM_SUBTYPES = 3
 QUESTIONS_PER_KIND = 10
-QUESTION_DIM = NUM_OBJECTS + 2 + NUM_SUBTYPES
+QUESTION_DIM = SORT_OF_CLEVR_QUESTION_DIM
+assert QUESTION_DIM == NUM_OBJECTS + 2 + NUM_SUBTYPES, "a question is one-hot colour, kind and subtype"
 NUM_ANSWERS = len(ANSWERS)
 QUESTION_SETS = ("all", "relational", "non_relational")
 # One name per (kind, subtype), non-relational first: the table above, row by row.
@@ -288,15 +289,9 @@ class SortOfClevr(Dataset):
         self.seed = check_int(seed, "seed", minimum=0)
         self.transform = transform
 
-        self.cache_path = cache_file(
-            root, "sort_of_clevr", split, self.num_images, self.seed, FORMAT_VERSION)
-        meta = {"dataset": "sort_of_clevr", "split": split, "num_images": self.num_images,
-                "seed": self.seed, "version": FORMAT_VERSION}
-        arrays = load_or_generate(
-            self.cache_path,
-            lambda: generate_sort_of_clevr(self.num_images, split_rng(self.seed, split), progress),
-            meta,
-        )
+        self.cache_path, arrays = cached_dataset(
+            root, "sort_of_clevr", split, "num_images", self.num_images, self.seed, FORMAT_VERSION,
+            lambda: generate_sort_of_clevr(self.num_images, split_rng(self.seed, split), progress))
         self.images = arrays["images"]
         self.centers = arrays["centers"]
         self.shapes = arrays["shapes"]

@@ -20,11 +20,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ._cache import (
-    cache_file,
+    cached_dataset,
     check_int,
     check_split,
     epoch_rng,
-    load_or_generate,
     progress_chunks,
     split_rng,
 )
@@ -161,15 +160,9 @@ class TriangleDataset(Dataset):
         self.transform = transform
         self.target_transform = target_transform
 
-        self.cache_path = cache_file(
-            root, "triangle", split, self.num_samples, self.seed, FORMAT_VERSION)
-        meta = {"dataset": "triangle", "split": split, "num_samples": self.num_samples,
-                "seed": self.seed, "version": FORMAT_VERSION}
-        arrays = load_or_generate(
-            self.cache_path,
-            lambda: generate_triangles(self.num_samples, split_rng(self.seed, split), progress),
-            meta,
-        )
+        self.cache_path, arrays = cached_dataset(
+            root, "triangle", split, "num_samples", self.num_samples, self.seed, FORMAT_VERSION,
+            lambda: generate_triangles(self.num_samples, split_rng(self.seed, split), progress))
         self._cached = arrays
         self.epoch = 0
         self._use(arrays)

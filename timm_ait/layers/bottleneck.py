@@ -22,9 +22,8 @@ __all__ = ['BottleneckAttention', 'BottleneckGates', 'balance_loss_from_gates', 
 
 # Pool through the dense gate matrix when each slot keeps at least this share k/T of the
 # patches. The gather does k/T of the product's multiply-adds but runs several times slower
-# per multiply-add, forward and backward. Measured forward + backward on the CPU (1 thread,
-# fp32, D=768, 8 heads, 32 slots, T=4096): product / gather time is 0.81 at k/T = 1/8,
-# 1.01-1.13 at 1/16 and 1.35 at 1/32.
+# per multiply-add, forward and backward; the two break even near k/T = 1/12 on the CPU
+# (docs/benchmarks.md has the measurement).
 DENSE_POOLING_MIN_SHARE = 1 / 12
 
 

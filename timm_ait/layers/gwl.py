@@ -1,15 +1,17 @@
 """The Global Workspace Layer: AiT's replacement for a transformer block's MLP."""
-from typing import Optional, Type
+import inspect
+from typing import Any, Dict, Optional, Type, Union
 
 import torch
 from torch import nn
 from timm.layers._fx import register_notrace_module
 
+from ._args import to_bool, to_bottleneck, to_int
 from .bottleneck import BottleneckAttention, balance_loss_from_gates
 from .hopfield import CrossAttentionRetrieval, HopfieldRetrieval
 from .memory import ExplicitMemory
 
-__all__ = ['GlobalWorkspaceLayer', 'balance_loss', 'reset_memory']
+__all__ = ['GlobalWorkspaceLayer', 'GWL_ARGS', 'balance_loss', 'reset_memory']
 
 
 @register_notrace_module  # FX: a leaf, as the training write stores state (memory, balance loss)
@@ -34,7 +36,7 @@ class GlobalWorkspaceLayer(nn.Module):
             timm's Mlp (``norm_layer`` there is a norm inside the MLP; it is not used here).
         num_slots: memory slots S. slot_dim: prior size m.
         gwl_heads: heads of the bottleneck attention (head size m).
-        bottleneck: top-k per slot and head, None for dense attention.
+        bottleneck: top-k per slot and head; ``'none'`` (or None) for dense attention.
         cap_bottleneck: keep all patches when the pool is smaller than k (else an error).
         smoothing: EWMA weight of the old memory. memory_init: 'gaussian', 'uniform', 'identity'.
         memory_l2norm: unit-normalise memory rows after each write (the authors' code).
@@ -58,7 +60,7 @@ class GlobalWorkspaceLayer(nn.Module):
             num_slots: int = 32,
             slot_dim: int = 32,
             gwl_heads: int = 8,
-            bottleneck: Optional[int] = 512,
+            bottleneck: Union[int, str, None] = 512,
             cap_bottleneck: bool = True,
             smoothing: float = 0.9,
             memory_init: str = 'gaussian',
@@ -73,6 +75,12 @@ class GlobalWorkspaceLayer(nn.Module):
             dtype=None,
     ):
         super().__init__()
+        # flags and sizes may come as strings from --model-kwargs or configs: parsed or refused here
+        num_slots, slot_dim = to_int('num_slots', num_slots), to_int('slot_dim', slot_dim)
+        gwl_heads, hopfield_steps = to_int('gwl_heads', gwl_heads), to_int('hopfield_steps', hopfield_steps)
+        bottleneck = None if bottleneck is None else to_bottleneck(bottleneck)
+        cap_bottleneck, memory_l2norm = to_bool('cap_bottleneck', cap_bottleneck), to_bool('memory_l2norm', memory_l2norm)
+        hopfield, feed_forward = to_bool('hopfield', hopfield), to_bool('feed_forward', feed_forward)
         dim = in_features
         if out_features not in (None, dim):
             raise ValueError(f'GlobalWorkspaceLayer keeps the width: out_features must be {dim}, got {out_features}')
@@ -100,6 +108,18 @@ class GlobalWorkspaceLayer(nn.Module):
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
+    @torch.jit.unused
+    def settings(self) -> Dict[str, Any]:
+        """What this layer computes with, beyond its weights' shapes (checked when a checkpoint loads)."""
+        read = self.read
+        return dict(
+            bottleneck=self.write_attn.bottleneck, cap_bottleneck=self.write_attn.cap_bottleneck,
+            smoothing=self.memory.smoothing, memory_init=self.memory.init, memory_l2norm=self.memory.l2_normalize,
+            hopfield=isinstance(read, HopfieldRetrieval), beta=getattr(read, 'beta', None),
+            hopfield_steps=getattr(read, 'steps', None), feed_forward=isinstance(self.fc1, nn.Linear),
+            write_drop=self.write_drop.p, write_norm_eps=self.write_norm.eps,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.fc2(self.drop1(self.act(self.fc1(x)))))
         if self.training and not torch.jit.is_scripting():
@@ -117,6 +137,11 @@ class GlobalWorkspaceLayer(nn.Module):
             memory = self.memory.memory
             self.balance_loss = None
         return self.drop2(h + self.read(h, memory))
+
+
+# the GWL's own keyword arguments (the rest are timm's Mlp's): the one list a model forwards to it
+GWL_ARGS = tuple(name for name in inspect.signature(GlobalWorkspaceLayer).parameters if name not in (
+    'in_features', 'hidden_features', 'out_features', 'act_layer', 'norm_layer', 'bias', 'drop', 'device', 'dtype'))
 
 
 def _gwls(model: nn.Module):

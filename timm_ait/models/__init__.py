@@ -1,4 +1,3 @@
-from . import _factory  # noqa: F401  (bottleneck=None through timm.create_model)
 from .ait import *  # noqa: F401,F403
 from .paramixer import *  # noqa: F401,F403
 from .ait_relational import *  # noqa: F401,F403

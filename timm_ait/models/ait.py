@@ -20,8 +20,7 @@ Defaults taken from what the authors trained (github.com/yuweisunn/associative-t
   ``LN(N*D)`` use 1e-5 in both codes.
 - Write dropout 0 (``gwl_write_drop``). Their write module has Dropout(0.1) after the output
   projection, but their training script calls ``net.eval()`` for the test pass after the first
-  epoch and never ``net.train()`` again, so their models trained all later epochs (99 of 100)
-  without it. ``gwl_write_drop=0.1`` gives their module as built.
+  epoch and never ``net.train()`` again, so their models trained all but the first epoch without it. ``gwl_write_drop=0.1`` gives their module as built.
 - Memory row normalisation after each write is off (the paper's equations; the README's choice);
   ``memory_l2norm=True`` is their code's write. Either way the memory starts from raw N(0, 1).
 
@@ -40,7 +39,6 @@ ait_medium 45.82M, ait_base 90.95M. The paper's counts include modules the autho
 but never calls (a 58,368-parameter conv stem, a class token and a 65-slot position embedding)
 and the memory, which here is a buffer (1,024 values a layer), not a parameter.
 """
-import numbers
 import re
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -55,16 +53,18 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..checkpoint import verify_loaded_checkpoint
+import timm
+
+from ..checkpoint import check_state_dict, source_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
-from ..engine import check_state_dict
 from ..hub import explain_download_errors, hf_hub_id
-from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
+from ..layers import GWL_ARGS, GlobalWorkspaceLayer, LinearPatchEmbed
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
-from ._factory import DENSE
+from ..layers._args import to_bool, to_int
 
-__all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn', 'convert_authors_checkpoint']
+__all__ = ['AssociativeTransformer', 'AiTBlock', 'ABLATIONS', 'checkpoint_filter_fn', 'convert_authors_checkpoint',
+           'upgrade_model_kwargs']
 
 # The paper's Table 2, as keyword arguments of the model. 'reset_memory' is a training-time
 # ablation: the model only records it, the training task re-initialises the memory each epoch.
@@ -72,14 +72,12 @@ ABLATIONS = {
     'reset_memory': {},
     'no_hopfield': dict(hopfield=False),
     'no_memory': dict(gwl=False),
-    'no_bottleneck': dict(bottleneck=None),
+    'no_bottleneck': dict(bottleneck='none'),
     'no_self_attn': dict(self_attn=False),
     'no_feed_forward': dict(feed_forward=False),
 }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+# the model's names of two GWL arguments (the rest keep the GWL's own names)
+_GWL_ALIASES = {'gwl_write_drop': 'write_drop', 'gwl_write_norm_eps': 'write_norm_eps'}
 
 
 class AiTBlock(Block):
@@ -105,7 +103,9 @@ class AssociativeTransformer(VisionTransformer):
     Args:
         gwl: False builds the ViT twin with the same dimensions (plain timm ``Mlp``).
         num_slots, slot_dim, gwl_heads, bottleneck, cap_bottleneck, smoothing, memory_init,
-        memory_l2norm, beta, hopfield_steps, hopfield, feed_forward: see ``GlobalWorkspaceLayer``.
+        memory_l2norm, beta, hopfield_steps, hopfield, feed_forward, gwl_write_drop (its ``write_drop``),
+        gwl_write_norm_eps (its ``write_norm_eps``): see ``GlobalWorkspaceLayer``; ``bottleneck='none'`` is the
+        dense ablation.
         self_attn: False removes the blocks' self-attention (ablation).
         ablation: one name of :data:`ABLATIONS` (the paper's Table 2), applied over the above.
         global_pool: timm's options plus 'flatten' (the authors' head over all tokens).
@@ -124,55 +124,32 @@ class AssociativeTransformer(VisionTransformer):
             class_token: bool = False,
             embed_layer=LinearPatchEmbed,
             gwl: bool = True,
-            num_slots: int = 32,
-            slot_dim: int = 32,
-            gwl_heads: int = 8,
-            bottleneck: Optional[int] = 512,
-            cap_bottleneck: bool = True,
-            smoothing: float = 0.9,
-            memory_init: str = 'gaussian',
-            memory_l2norm: bool = False,
-            beta: float = 1.0,
-            hopfield_steps: int = 1,
-            hopfield: bool = True,
-            feed_forward: bool = True,
-            gwl_write_drop: float = 0.,
-            gwl_write_norm_eps: float = 1e-6,
             self_attn: bool = True,
             ablation: Optional[str] = None,
             **kwargs,
     ):
-        if bottleneck is DENSE:  # bottleneck=None through timm.create_model (see _factory)
-            bottleneck = None
+        # the GWL's arguments (num_slots, bottleneck, beta, ...) are the GWL's: its signature is their one source
+        gwl_kwargs = {name: kwargs.pop(name) for name in GWL_ARGS if name in kwargs}
+        gwl_kwargs.update({name: kwargs.pop(alias) for alias, name in _GWL_ALIASES.items() if alias in kwargs})
+        if gwl_kwargs.get('bottleneck', 0) is None:
+            raise ValueError("bottleneck=None is ambiguous (timm.create_model drops None arguments, so it builds the "
+                             "default top-k); write bottleneck='none' for the dense ablation")
         if ablation is not None:
             if ablation not in ABLATIONS:
                 raise ValueError(f'unknown ablation {ablation!r}; expected one of {sorted(ABLATIONS)}')
-            overrides = ABLATIONS[ablation]
-            gwl = overrides.get('gwl', gwl)
-            hopfield = overrides.get('hopfield', hopfield)
-            bottleneck = overrides.get('bottleneck', bottleneck)
-            self_attn = overrides.get('self_attn', self_attn)
-            feed_forward = overrides.get('feed_forward', feed_forward)
-        if memory_init not in MEMORY_INITS:
-            raise ValueError(f'unknown memory_init {memory_init!r}; expected one of {MEMORY_INITS}')
+            overrides = dict(ABLATIONS[ablation])
+            gwl = overrides.pop('gwl', gwl)
+            self_attn = overrides.pop('self_attn', self_attn)
+            gwl_kwargs.update(overrides)
+        gwl, self_attn = to_bool('gwl', gwl), to_bool('self_attn', self_attn)
+        qkv_bias, class_token = to_bool('qkv_bias', qkv_bias), to_bool('class_token', class_token)
+        embed_dim, depth, num_heads = to_int('embed_dim', embed_dim), to_int('depth', depth), to_int('num_heads', num_heads)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
         for size in (patch_size if isinstance(patch_size, (tuple, list)) else (patch_size,)):
-            if not _is_int(size) or size < 1:
-                raise ValueError(f'patch_size must be >= 1 (an integer, or a pair of them), got {patch_size!r}')
-        if gwl:
-            # fail at construction, not at the first forward
-            for name, value in (('num_slots', num_slots), ('slot_dim', slot_dim), ('gwl_heads', gwl_heads)):
-                if not _is_int(value) or value < 1:
-                    raise ValueError(f'{name} must be >= 1 (an integer), got {value!r}')
-            if bottleneck is not None and (not _is_int(bottleneck) or bottleneck < 1):
-                raise ValueError(f'bottleneck must be >= 1 (an integer, the top-k) or None (dense), got {bottleneck!r}')
-            mlp_layer = partial(
-                GlobalWorkspaceLayer, num_slots=num_slots, slot_dim=slot_dim, gwl_heads=gwl_heads,
-                bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
-                memory_init=memory_init, memory_l2norm=memory_l2norm, beta=beta,
-                hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward,
-                write_drop=gwl_write_drop, write_norm_eps=gwl_write_norm_eps)
+            to_int('patch_size', size, what='an integer, or a pair of them')
+        if gwl:  # a bad GWL setting fails when the first block is built, naming the setting
+            mlp_layer = partial(GlobalWorkspaceLayer, **gwl_kwargs)
         else:
             mlp_layer = kwargs.pop('mlp_layer', Mlp)
         kwargs.setdefault('norm_layer', partial(LayerNorm, eps=1e-5))  # the authors' nn.LayerNorm default
@@ -200,6 +177,7 @@ class AssociativeTransformer(VisionTransformer):
             **kwargs,
         )
         self.has_gwl = gwl
+        self.num_suffix_tokens = 0  # tokens after the patches (the question-answering model has one)
         self.memory_reset_each_epoch = ablation == 'reset_memory'
         # feature level 0: the tokens entering the first block (see forward_intermediates)
         self.feature_info = [dict(self.feature_info[0], module='norm_pre')] + self.feature_info
@@ -224,6 +202,39 @@ class AssociativeTransformer(VisionTransformer):
     def balance_loss(self) -> Optional[torch.Tensor]:
         """Balance loss of the last training forward, summed over heads and layers (None in eval)."""
         return _balance_loss(self)
+
+    @torch.jit.ignore
+    def settings(self) -> Dict[str, Any]:
+        """What the model computes with beyond its weights' shapes: per block, self-attention and GWL settings."""
+        return {f'blocks.{i}': dict(self_attn=blk.attn is not None, **(
+            blk.mlp.settings() if isinstance(blk.mlp, GlobalWorkspaceLayer) else dict(gwl=False)))
+            for i, blk in enumerate(self.blocks)}
+
+    @torch.jit.ignore
+    def check_checkpoint_arch(self, checkpoint: Dict[str, Any], what: str = 'checkpoint') -> None:
+        """Refuse a training checkpoint whose run built the model with other settings than this one's.
+
+        A beta, a k or an ablation changes what the model computes but no weight's shape, so such weights
+        would load silently into another function. The run's model is rebuilt, without weights, from the
+        checkpoint's ``arch`` and ``args.model_kwargs`` and the two models' settings compared.
+        """
+        arch, args = checkpoint.get('arch'), checkpoint.get('args')
+        args = vars(args) if hasattr(args, '__dict__') else (args if isinstance(args, dict) else None)
+        if not isinstance(arch, str) or args is None or not timm.is_model(arch):
+            return  # not a training checkpoint of this project's: nothing says how it was built
+        run_kwargs = upgrade_model_kwargs(args.get('model_kwargs') or {})
+        with torch.device('meta'):
+            trained = timm.create_model(arch, **run_kwargs)
+        if not isinstance(trained, AssociativeTransformer):
+            raise ValueError(f'{what} holds a {arch!r} ({type(trained).__name__}), not an {type(self).__name__}')
+        ours, theirs = self.settings(), trained.settings()
+        if ours != theirs:
+            diffs = sorted({f'{k}={theirs[b].get(k)!r} (this model: {ours[b].get(k)!r})'
+                            for b in ours.keys() & theirs.keys() for k in ours[b].keys() | theirs[b].keys()
+                            if ours[b].get(k) != theirs[b].get(k)})
+            raise ValueError(f'{what} was trained as {arch!r} with {_kwargs_text(run_kwargs)}: '
+                             f'{", ".join(diffs) or "another depth"}. The weights fit either model but compute '
+                             f'another function: build the model with the run\'s --model-kwargs')
 
     @torch.jit.ignore
     def reset_memory(self) -> None:
@@ -356,19 +367,38 @@ class AssociativeTransformer(VisionTransformer):
         have the three that timm's feature API takes by default (``features_only`` takes the last 3).
         ``indices``: the last n levels if an int, all if None, else these levels.
         """
+        tokens = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self._intermediates(tokens, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                   intermediates_only)
+
+    def _intermediates(
+            self,
+            tokens: torch.Tensor,
+            indices: Optional[Union[int, List[int]]],
+            return_prefix_tokens: bool,
+            norm: bool,
+            stop_early: bool,
+            output_fmt: str,
+            intermediates_only: bool,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The body of ``forward_intermediates`` from the embedded tokens (prefix, patches, suffix).
+
+        The intermediates hold the patch tokens (as a grid for 'NCHW'); with ``return_prefix_tokens`` each
+        comes with its other tokens, the prefix tokens then the ``num_suffix_tokens`` after the patches
+        (the question token of the question-answering model), (B, prefix + suffix, D).
+        """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        B = x.shape[0]
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        x, intermediates = self._feature_levels(x, indices, norm, stop_early)
-        P = self.num_prefix_tokens
-        prefix_tokens = [y[:, :P] for y in intermediates]
-        intermediates = [y[:, P:] for y in intermediates]
+        B = tokens.shape[0]
+        x, intermediates = self._feature_levels(tokens, indices, norm, stop_early)
+        P, S = self.num_prefix_tokens, self.num_suffix_tokens
+        others = [torch.cat([y[:, :P], y[:, y.shape[1] - S:]], dim=1) for y in intermediates]
+        intermediates = [y[:, P:y.shape[1] - S] for y in intermediates]
         if output_fmt == 'NCHW':
             H, W = self.patch_embed.grid_size
             intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if not torch.jit.is_scripting() and return_prefix_tokens and P:
-            intermediates = list(zip(intermediates, prefix_tokens))
+        if not torch.jit.is_scripting() and return_prefix_tokens and P + S:
+            intermediates = list(zip(intermediates, others))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -483,7 +513,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
     another variant never loads silently or half-way. The classifier's shape is left to timm, which
     resets it when ``num_classes`` differs.
     """
-    verify_loaded_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
+    source = source_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
+    if source is not None:
+        model.check_checkpoint_arch(source, 'the checkpoint')
     for key in ('state_dict', 'model'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
@@ -497,6 +529,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Associative
         state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(('head.', 'fc_norm.'))}
     check_state_dict(state_dict, model, ignore=('head.weight', 'head.bias'))
     return state_dict
+
+
+def upgrade_model_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved run's model keyword arguments as this version reads them: runs recorded the dense
+    ablation as ``bottleneck=None``, which is now written ``'none'``."""
+    kwargs = dict(kwargs)
+    if 'bottleneck' in kwargs and kwargs['bottleneck'] is None:
+        kwargs['bottleneck'] = 'none'
+    return kwargs
+
+
+def _kwargs_text(kwargs: Dict[str, Any]) -> str:
+    return ' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'the default settings'
 
 
 def _create_ait(variant: str, pretrained: bool = False, **kwargs) -> AssociativeTransformer:

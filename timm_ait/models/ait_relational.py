@@ -41,6 +41,7 @@ from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 
+from ..constants import SORT_OF_CLEVR_ANSWERS, SORT_OF_CLEVR_QUESTION_DIM
 from ..hub import explain_download_errors, hf_hub_id
 from ..layers.patch_embed import shape_str
 from .ait import _SIZES, AssociativeTransformer, _cfg, checkpoint_filter_fn
@@ -48,10 +49,6 @@ from .ait import _SIZES, AssociativeTransformer, _cfg, checkpoint_filter_fn
 __all__ = ['RelationalAssociativeTransformer', 'QuestionEmbed', 'SORT_OF_CLEVR_QUESTION_DIM',
            'SORT_OF_CLEVR_ANSWERS', 'check_questions']
 
-# the sizes of the Sort-of-CLEVR data (timm_ait.data.sort_of_clevr; the tests check they agree).
-# Kept here so that the models do not import the data package.
-SORT_OF_CLEVR_QUESTION_DIM = 11
-SORT_OF_CLEVR_ANSWERS = ('yes', 'no', 'square', 'circle', '1', '2', '3', '4', '5', '6')
 
 
 @register_notrace_function
@@ -111,7 +108,7 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
         super().__init__(*args, weight_init='skip', **kwargs)
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
         self.question_dim = question_dim
-        self.num_question_tokens = 1
+        self.num_question_tokens = self.num_suffix_tokens = 1
         self.question_embed = QuestionEmbed(question_dim, self.embed_dim, **dd)
         if self.global_pool == 'flatten':
             num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches + self.num_question_tokens
@@ -168,29 +165,10 @@ class RelationalAssociativeTransformer(AssociativeTransformer):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The parent's ``forward_intermediates`` with the questions as second input.
-
-        The feature levels are the parent's: level 0 the embedded tokens, level i the output of block
-        i - 1. The intermediates hold the patch tokens (as a grid for 'NCHW'); with
-        ``return_prefix_tokens`` each comes with its non-patch tokens, the prefix tokens then the
-        question token, (B, prefix + 1, D).
-        """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        B = x.shape[0]
-        x, intermediates = self._feature_levels(self._embed(x, questions), indices, norm, stop_early)
-
-        P, Q = self.num_prefix_tokens, self.num_question_tokens
-        extra = [torch.cat([y[:, :P], y[:, y.shape[1] - Q:]], dim=1) for y in intermediates]
-        intermediates = [y[:, P:y.shape[1] - Q] for y in intermediates]
-        if output_fmt == 'NCHW':
-            H, W = self.patch_embed.grid_size
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, extra))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        """The parent's ``forward_intermediates`` with the questions as second input: the same levels,
+        and with ``return_prefix_tokens`` each level's prefix tokens then its question token."""
+        return self._intermediates(self._embed(x, questions), indices, return_prefix_tokens, norm, stop_early,
+                                   output_fmt, intermediates_only)
 
     def get_intermediate_layers(
             self,
@@ -253,12 +231,10 @@ def ait_base_patch5_75(pretrained: bool = False, **kwargs) -> RelationalAssociat
     return _ait_relational('ait_base_patch5_75', 'base', pretrained, **kwargs)
 
 
-# CPU scale (issue 15): the paper-size ait_small_patch5_75 trains at about 6 items/s a core here
-# (226 tokens of width 768; 11.4 s of CPU time for a step of 64), a fifth of an epoch per hour on
-# two cores. This one keeps its two blocks, 32 slots of 32 and 8 GWL heads, and is narrowed to width
-# 256 (4 heads of 64, as the authors' heads) with 15-pixel patches (25 patches + the question: an
-# object of 11 px spans at most four). k = 32 keeps the paper's share of the pool (256 of 64 x 226,
-# 1.8%; here 32 of 64 x 26, 1.9%). About 300 items/s a core (0.22 s of CPU time a step of 64).
+# CPU scale: the paper-size model (226 tokens of width 768) is too slow to train on a CPU (docs/results.md).
+# This one keeps its two blocks, 32 slots of 32 and 8 GWL heads, narrowed to width 256 (4 heads of 64, as
+# the authors' heads) with 15-pixel patches (25 patches + the question: an object of 11 px spans at most
+# four). k = 32 keeps the paper's share of the pool (256 of 64 x 226, 1.8%; here 32 of 64 x 26, 1.9%).
 default_cfgs.update(generate_default_cfgs({**_sort_of_clevr_cfg('ait_small_w256_patch15_75')}))
 
 

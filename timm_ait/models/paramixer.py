@@ -26,7 +26,6 @@ Built on timm's MLP-Mixer (PatchEmbed stem, `_init_weights`, feature API).
 """
 import argparse
 import math
-import os
 import re
 from functools import partial
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
@@ -37,13 +36,13 @@ import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, to_2tuple
 from timm.layers._fx import register_notrace_function
-from timm.models._builder import _resolve_pretrained_source, build_model_with_cfg, resolve_pretrained_cfg
+from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.mlp_mixer import _init_weights
 
-from ..checkpoint import verify_loaded_checkpoint
+from ..checkpoint import source_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..hub import explain_download_errors, hf_hub_id
 from ..layers.input_dtype import check_input_dtype
@@ -473,7 +472,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HamMixer) -
     Their symmetric MLP stores its one matrix, shape (hidden, in), as `fc2.weight`; here it is `fc1.weight`.
     Every other key, and every checkpoint of the other block types, already matches.
     """
-    verify_loaded_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
+    source = source_checkpoint(state_dict, model)  # a damaged training checkpoint is refused
+    if source is not None:  # n_iter shares the weights: only the run's settings tell the functions apart
+        check_trained_as(source, model.block_type, model.n_iter, 'the checkpoint')
     if model.block_type != 'symmetric' or any('.fc1.' in k for k in state_dict):
         return state_dict
     return {k.replace('.fc2.', '.fc1.'): v for k, v in state_dict.items()}
@@ -540,29 +541,8 @@ def check_trained_as(checkpoint: Dict[str, Any], block_type: str, n_iter: int, w
                          f"block_type={block_type!r}.")
 
 
-def _checkpoint_meta(path: str) -> Dict[str, Any]:
-    """``arch`` and ``args`` of a training checkpoint file, its tensors left on disk; {} if it has none."""
-    if str(path).endswith('.safetensors') or not os.path.isfile(path):
-        return {}
-    for mmap in (True, False):  # mmap reads no tensor data, but only from zip-format files
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-        except Exception:
-            continue  # timm's own load of the file reports what is wrong with it
-        return {k: checkpoint[k] for k in ('arch', 'args') if k in checkpoint} if isinstance(checkpoint, dict) else {}
-    return {}
-
-
 def _create_hmixer(variant: str, pretrained: bool = False, **kwargs) -> HamMixer:
     out_indices = kwargs.pop('out_indices', min(3, kwargs.get('num_blocks', 8)))  # features_only: the last 3 blocks
-    if pretrained:
-        # a checkpoint file trained with another n_iter fits this model's keys: refuse it before any work
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        load_from, location = _resolve_pretrained_source(cfg.to_dict())
-        if load_from == 'file':
-            check_trained_as(_checkpoint_meta(location), kwargs.get('block_type', 'parallel'),
-                             kwargs.get('n_iter', 1), f'pretrained file {location!r}')
     with explain_download_errors(variant, kwargs):
         model = build_model_with_cfg(
             HamMixer,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Run the evidence runs of docs/results.md one after another, each continuing exactly where it stopped.
 
-    python train_scripts/run_evidence.py                      # every run, in order (about 10 hours)
-    python train_scripts/run_evidence.py --runs triangle-ait  # one run
-    python train_scripts/run_evidence.py --dry-run            # print the commands only
+    python tools/run_evidence.py                      # every run, in order (about 10 hours)
+    python tools/run_evidence.py --runs triangle-ait  # one run
+    python tools/run_evidence.py --dry-run            # print the commands only
 
 For each run (a config under train_scripts/configs/cpu/ and a seed), in a fresh process with the CPU
 environment (timm_ait.cpu_speed.CPU_TRAINING_ENV):
@@ -43,10 +43,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-from timm_ait.cpu_speed import CPU_TRAINING_ENV  # noqa: E402
+from timm_ait.checkpoint import read_checkpoint
+from timm_ait.cpu_speed import CPU_TRAINING_ENV
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = os.path.join('train_scripts', 'configs', 'cpu')
 PAPER_TRIANGLE_TOP1 = 99.47  # AiT-Small, the AiT paper's Table 6
@@ -118,8 +118,7 @@ def epochs_done(folder: str) -> int:
     last = os.path.join(folder, 'last.pth.tar')
     if not os.path.isfile(last):
         return 0
-    from timm_ait.engine import load_training_checkpoint
-    return int(load_training_checkpoint(last)['epoch']) + 1
+    return int(read_checkpoint(last)['epoch']) + 1
 
 
 def train_command(python: str, run: Run, output: str, data_dir: str, resume: bool,
@@ -249,7 +248,7 @@ def publish_results(run: Run, args, env: Dict[str, str]) -> None:
         rows = list(csv.DictReader(f))
     record = dict(
         run=run.name, config=os.path.join(CONFIGS, run.config), seed=run.seed,
-        command=f'python train_scripts/run_evidence.py --runs {run.name}',
+        command=f'python tools/run_evidence.py --runs {run.name}',
         epochs=len(rows), train_time_s=round(sum(float(r.get('train_time_s') or 0) for r in rows), 1),
         parts=parts, environment=env)
     with open(os.path.join(out, 'run.json'), 'w') as f:
@@ -265,7 +264,7 @@ def plot_group(group: str, args) -> None:
     if not finished or args.dry_run:
         return
     spec = GROUPS[group]
-    command = [args.python, os.path.join('train_scripts', 'plot_summary.py'),
+    command = [args.python, os.path.join('tools', 'plot_summary.py'),
                *[os.path.join(args.results_dir, r.name, 'summary.csv') for r in finished],
                '--labels', *[r.label for r in finished], '--metrics', *spec.metrics, '--title', spec.title,
                '-o', os.path.join(args.results_dir, f'{group}.png')]

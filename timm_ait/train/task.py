@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from timm.task import ClassificationTask
 
-from .layers import balance_loss
+from ..layers import balance_loss
 
 __all__ = ['AiTClassificationTask', 'DEFAULT_BALANCE_LOSS_COEF', 'aux_loss']
 

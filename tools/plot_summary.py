@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draw accuracy against training wall-clock time and against epoch from train.py's summary.csv files.
 
-    python train_scripts/plot_summary.py output/train/ait/summary.csv output/train/vit/summary.csv \\
+    python tools/plot_summary.py output/train/ait/summary.csv output/train/vit/summary.csv \\
         --labels AiT-Small "ViT twin" --reference 99.47 "paper, AiT-Small" --output triangle.png
 
 One PNG with two panels: the metric (default ``eval_top1``) against the cumulative training time in

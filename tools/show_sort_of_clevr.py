@@ -4,7 +4,7 @@
 Loads the dataset exactly as training does (through the cache), so what you see is what
 the model sees. Needs matplotlib: ``pip install 'timm-ait[analysis]'``.
 
-    python train_scripts/show_sort_of_clevr.py --split test --num-shown 8 --out sort_of_clevr.png
+    python tools/show_sort_of_clevr.py --split test --num-shown 8 --out sort_of_clevr.png
 """
 import argparse
 import sys

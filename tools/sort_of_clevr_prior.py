@@ -5,7 +5,7 @@ For each question (colour, kind, subtype) the answer the training set gives most
 test set with the keys validate.py writes (top1, relational_top1, non_relational_top1, <kind>_top1).
 A "relational" figure at this floor means the model answers from the question's prior, not the scene.
 
-    python train_scripts/sort_of_clevr_prior.py --data-dir data --seed 0 --results-file prior.json
+    python tools/sort_of_clevr_prior.py --data-dir data --seed 0 --results-file prior.json
 """
 import argparse
 import sys
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from timm_ait.data.sort_of_clevr import COLORS, NUM_ANSWERS, QUESTION_TYPES, SortOfClevr
-from timm_ait.engine import report_results
+from timm_ait.train.evaluate import report_results
 
 
 NUM_QUESTIONS = len(COLORS) * len(QUESTION_TYPES)

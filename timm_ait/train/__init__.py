@@ -1,0 +1,13 @@
+"""Training and validation as a package; train_scripts/train.py and validate.py are entry points to it.
+
+One module a job: ``args`` (flags, YAML config, the rules of a resume), ``run_dir`` (the run folder),
+``distributed``, ``task`` (the loss), ``evaluate``, ``loop`` (the epoch loop and ``main``), ``validate``
+and ``demo``.
+"""
+from .args import build_parser, check_args, parse_args
+from .evaluate import evaluate
+from .loop import NonFiniteLossError, cli, create_task_model, main
+from .task import DEFAULT_BALANCE_LOSS_COEF, AiTClassificationTask
+
+__all__ = ['build_parser', 'check_args', 'parse_args', 'evaluate', 'NonFiniteLossError', 'cli', 'create_task_model',
+           'main', 'DEFAULT_BALANCE_LOSS_COEF', 'AiTClassificationTask']

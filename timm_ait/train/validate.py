@@ -1,0 +1,134 @@
+""" Top-1 / top-5 of a checkpoint or a pretrained model on a dataset, printed as JSON.
+
+    python train_scripts/validate.py --model ait_small_patch32_64 --dataset triangle \
+        --checkpoint output/train/demo/model_best.pth.tar -b 1
+
+The model runs in eval mode: its memory is frozen and a sample's prediction does not depend on
+the rest of its batch, so any batch size gives the same result (the paper evaluates with 1).
+"""
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+from timm.data import create_loader, resolve_data_config
+from timm.utils import ParseKwargs, setup_default_logging
+
+from ..data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
+from ..data.sort_of_clevr import QUESTION_TYPES
+from ..run_model import LoadedRun, load_run_model
+from .evaluate import amp_context, evaluate, report_results
+
+_logger = logging.getLogger('validate')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='timm-ait validation',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--model', default=None, help="timm model name (default: the checkpoint's)")
+    parser.add_argument('--checkpoint', default='', metavar='PATH', help='training checkpoint or state dict')
+    parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
+    parser.add_argument('--pretrained', action='store_true', help='published weights (Hugging Face Hub)')
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--dataset', '-d', default=None,
+                        help=f"one of {list(DATASETS)} (default: the checkpoint's; needed without one)")
+    parser.add_argument('--data-dir', default=None)
+    parser.add_argument('--split', default='validation')
+    parser.add_argument('--train-split', default=None,
+                        help="an image folder's training split, whose class folders number the classes "
+                             "(default: the checkpoint's, else train)")
+    parser.add_argument('--dataset-download', action='store_true')
+    parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
+    parser.add_argument('--seed', type=int, default=None,
+                        help="seed of a generated dataset (default: the checkpoint's run's, else 42, as in training)")
+    parser.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
+                        help='which Sort-of-CLEVR questions to ask (with all, both kinds are also reported apart)')
+    parser.add_argument('-b', '--batch-size', type=int, default=256)
+    parser.add_argument('-j', '--workers', type=int, default=2)
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--amp-dtype', default='bfloat16')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--results-file', default='', help='also write the JSON here')
+    return parser
+
+
+def load_model(args) -> LoadedRun:
+    """The model to validate, through the one loader: a checkpoint's is rebuilt with the settings it was
+    trained with (its training args); the command line may repeat them but not contradict them. The run's
+    dataset, seed and split names fill the flags the command line left unset."""
+    loaded = load_run_model(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
+                            num_classes=args.num_classes, pretrained=args.pretrained, use_ema=args.use_ema)
+    args.model = loaded.settings['model']
+    run = loaded.train_args
+    if args.dataset is None:
+        if not run.get('dataset'):
+            raise ValueError(f'--dataset is needed (one of {list(DATASETS)}): '
+                             + ('the checkpoint records no training args' if args.checkpoint else 'no checkpoint'))
+        args.dataset = run['dataset']
+    if args.dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    if args.seed is None:
+        args.seed = run.get('seed', 42) if run.get('dataset') == args.dataset else 42
+    if args.train_split is None:
+        args.train_split = run.get('train_split') or 'train'
+    return loaded
+
+
+def validate(args) -> dict:
+    device = torch.device(args.device)
+    loaded = load_model(args)
+    model = loaded.model.to(device).eval()
+    # the run's normalisation (--mean/--std/...), as its own evaluation used it
+    data_config = resolve_data_config({**loaded.data_settings(), **vars(args)}, model=model)
+    embed = getattr(model, 'patch_embed', None) or getattr(model, 'stem', None)
+    if getattr(model, 'pretrained_cfg', {}).get('fixed_input_size') and hasattr(embed, 'img_size'):
+        # a fixed-size model rebuilt with its run's img_size reads images of that size, not its cfg's
+        data_config['input_size'] = (data_config['input_size'][0], *embed.img_size)
+    dataset = create_ait_dataset(args.dataset, root=args.data_dir, split=args.split, download=args.dataset_download,
+                                 num_samples=args.num_samples, seed=args.seed,
+                                 questions=args.sort_of_clevr_questions, train_split=args.train_split)
+    check_num_classes(model, dataset, args.dataset)
+    two_inputs = args.dataset == 'sort-of-clevr'
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
+        use_prefetcher=device.type == 'cuda' and not two_inputs, persistent_workers=False)
+    # Sort-of-CLEVR: top-1 of each kind of question too (nearest, farthest, count, ...)
+    question_type = getattr(dataset, 'question_type', None)
+    groups = None if question_type is None else {
+        name: question_type == i for i, name in enumerate(QUESTION_TYPES)}
+    start = time.time()
+    metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
+                       getattr(dataset, 'is_relational', None), groups)
+    results = dict(
+        model=args.model, checkpoint=args.checkpoint or None, use_ema=args.use_ema, pretrained=args.pretrained,
+        dataset=args.dataset,
+        split=args.split, num_samples=len(dataset),
+        **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}),
+        **({'questions': args.sort_of_clevr_questions} if two_inputs else {}), batch_size=args.batch_size,
+        param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        **{k: round(float(v), 4) for k, v in metrics.items()},
+        seconds=round(time.time() - start, 2),
+    )
+    return results
+
+
+def main(argv=None) -> dict:
+    setup_default_logging()
+    args = build_parser().parse_args(argv)
+    results = validate(args)
+    report_results(results, args.results_file)
+    return results
+
+
+def cli(argv=None) -> None:
+    """``main`` for the command line: a bad request ends in one line and exit code 2."""
+    try:
+        main(argv)
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, a failed download
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
