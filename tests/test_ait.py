@@ -5,8 +5,10 @@ from functools import partial
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block, VisionTransformer
 
 import timm_ait
+from timm_ait.layers import GlobalWorkspaceLayer, LinearPatchEmbed
 from timm_ait.models.ait import ABLATIONS, AssociativeTransformer, checkpoint_filter_fn
 from timm_ait.task import DEFAULT_BALANCE_LOSS_COEF
 
@@ -317,11 +319,26 @@ def test_state_dict_of_another_variant_names_the_keys():
         checkpoint_filter_fn(wide.state_dict(), small)
 
 
-def test_checkpoint_filter_unwraps_training_checkpoints():
+@pytest.mark.parametrize('wrapper', ['state_dict', 'model'])
+def test_checkpoint_filter_unwraps_training_checkpoints(wrapper):
+    # the weights of another model (another seed, memory written), unwrapped against a fresh one: every
+    # value is the checkpoint's, and the loaded model computes what the saved one did
+    torch.manual_seed(1)
+    saved = tiny().train()
+    saved(torch.randn(2, 3, 16, 16))
+    saved_sd = saved.state_dict()
+    torch.manual_seed(2)
     model = tiny()
-    wrapped = {'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}, 'epoch': 3}
+    wrapped = {wrapper: {f'module.{k}': v.clone() for k, v in saved_sd.items()}, 'epoch': 3}
     out = checkpoint_filter_fn(wrapped, model)
-    assert out.keys() == model.state_dict().keys()
+    assert out.keys() == saved_sd.keys()
+    for k, v in out.items():
+        assert torch.equal(v, saved_sd[k]), k
+    memory = 'blocks.0.mlp.memory.memory'
+    assert not torch.equal(model.state_dict()[memory], saved_sd[memory])  # so the values tell them apart
+    model.load_state_dict(out)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model.eval()(x), saved.eval()(x))
 
 
 def test_pretrained_from_a_local_file_resets_classifier(tmp_path):
@@ -335,7 +352,28 @@ def test_pretrained_from_a_local_file_resets_classifier(tmp_path):
 
 
 def test_is_a_vision_transformer():
-    assert isinstance(tiny(), (AssociativeTransformer, timm.models.VisionTransformer))
+    """An AiT is timm's ViT with GWLs as the blocks' MLP: a timm VisionTransformer built from the same
+    arguments, given the GWL as mlp_layer, loads the AiT's state dict strictly and computes the same
+    tokens, in eval and in a training forward (with the same memory written)."""
+    torch.manual_seed(0)
+    model = tiny(num_classes=0)
+    assert isinstance(model, AssociativeTransformer) and isinstance(model, VisionTransformer)
+    assert all(isinstance(b, Block) for b in model.blocks)
+    with torch.no_grad():  # random norms and biases too, so that swapped or skipped layers show
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    vit = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0, global_pool='',
+        qkv_bias=False, class_token=False, final_norm=False, embed_layer=LinearPatchEmbed,
+        norm_layer=partial(timm.layers.LayerNorm, eps=1e-5),
+        mlp_layer=partial(GlobalWorkspaceLayer, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10))
+    vit.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), vit.eval()(x))
+        torch.testing.assert_close(model.train()(x), vit.train()(x))
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
 
 
 # --- the authors' checkpoints (github.com/yuweisunn/associative-transformer) ----------------------
