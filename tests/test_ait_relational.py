@@ -7,9 +7,11 @@ import timm.optim
 import torch
 
 import timm_ait
+from timm_ait.data import sort_of_clevr
 from timm_ait.models.ait import AssociativeTransformer, checkpoint_filter_fn
 from timm_ait.models.ait_relational import (
     SORT_OF_CLEVR_ANSWERS, SORT_OF_CLEVR_QUESTION_DIM, RelationalAssociativeTransformer)
+from timm_ait.train.task import AiTClassificationTask
 
 NAMES = ('ait_small_patch5_75', 'ait_base_patch5_75')
 CPU_SCALE_NAMES = ('ait_small_w256_patch15_75',)  # narrowed for Sort-of-CLEVR runs on a CPU
@@ -105,12 +107,33 @@ def test_cpu_scale_model_is_ait_small_narrowed_with_the_papers_share_of_the_pool
 
 
 def test_full_size_small_model_answers_on_cpu():
+    """The full-size model's logits as the paper's section 4.7 composes them: the question through
+    LN -> Linear -> LN, one token after the 225 position-embedded patches, the blocks, then the head over
+    all 226 tokens, LN((N + 1) D) -> Linear. Written with torch's functions from the state dict; only the
+    patch embedding and the blocks are the model's modules."""
+    F = torch.nn.functional
     torch.manual_seed(0)
     model = timm.create_model('ait_small_patch5_75').eval()
-    x, q = inputs(batch=1, size=75)
+    with torch.no_grad():  # norms with random gains and biases, so that a missing or misplaced one shows
+        for name, p in model.named_parameters():
+            if name.startswith(('question_embed.', 'fc_norm.')):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith('norm_in.weight') else 0.0))
+    x, _ = inputs(batch=1, size=75)
+    x, q = x.expand(2, -1, -1, -1), questions((0, 0, 0), (3, 1, 2))  # one image, two questions
+    sd = model.state_dict()
     with torch.no_grad():
         y = model(x, q)
-    assert y.shape == (1, 10) and torch.isfinite(y).all()
+        token = F.layer_norm(q, (QD,), sd['question_embed.norm_in.weight'], sd['question_embed.norm_in.bias'])
+        token = F.linear(token, sd['question_embed.proj.weight'], sd['question_embed.proj.bias'])
+        token = F.layer_norm(token, (768,), sd['question_embed.norm.weight'], sd['question_embed.norm.bias'])
+        tokens = torch.cat([model.patch_embed(x) + sd['pos_embed'], token[:, None]], dim=1)
+        assert tokens.shape == (2, 226, 768)
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        flat = F.layer_norm(tokens.flatten(1), (226 * 768,), sd['fc_norm.weight'], sd['fc_norm.bias'])
+        expected = F.linear(flat, sd['head.weight'], sd['head.bias'])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y[0], y[1], atol=1e-3)  # the question decides the answer
 
 
 @pytest.mark.parametrize('name,gwl', [
@@ -308,12 +331,10 @@ def test_checkpoint_filter_fn(tmp_path):
 
 
 def test_trains_on_sort_of_clevr_items_with_the_task(tmp_path):
-    data = pytest.importorskip('timm_ait.data.sort_of_clevr')
-    from timm_ait.train import task as task_module
-    dataset = data.SortOfClevr(root=str(tmp_path), split='test', num_images=2, progress=False)
+    dataset = sort_of_clevr.SortOfClevr(root=str(tmp_path), split='test', num_images=2, progress=False)
     (images, qs), answers = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
     model = timm.create_model('ait_small_patch5_75', **{**TINY, 'img_size': 75})
-    task = task_module.AiTClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
+    task = AiTClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
     out = task((images, qs), answers)
     assert out['output'].shape == (8, 10) and out['balance_loss'] > 0
     out['loss'].backward()

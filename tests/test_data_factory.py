@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 from PIL import Image
@@ -45,15 +46,32 @@ def test_cifar10_splits(cifar10_root):
 
 
 def test_training_on_cifar_stand_in(cifar10_root, tmp_path):
-    if True:
-        metrics = train.main([
-            '--model', 'ait_small_patch4_32', '--dataset', 'torch/cifar10', '--data-dir', str(cifar10_root),
-            '--epochs', '1', '-b', '8', '--workers', '0', '--warmup-epochs', '0', '--output', str(tmp_path / 'out'),
-            '--experiment', 'cifar', '--train-num-samples', '16', '--hflip', '0.5', '--scale', '0.75', '1',
-            '--model-kwargs', 'embed_dim=32', 'num_heads=2', 'num_slots=4', 'slot_dim=8', 'gwl_heads=2',
-            'bottleneck=8', 'patch_size=8'])
-    assert 0 <= metrics['top1'] <= 100
-    assert (tmp_path / 'out' / 'cifar' / 'last.pth.tar').is_file()
+    model_kwargs = dict(embed_dim=32, num_heads=2, num_slots=4, slot_dim=8, gwl_heads=2, bottleneck=8, patch_size=8)
+    metrics = train.main([
+        '--model', 'ait_small_patch4_32', '--dataset', 'torch/cifar10', '--data-dir', str(cifar10_root),
+        '--epochs', '1', '-b', '8', '--workers', '0', '--warmup-epochs', '0', '--output', str(tmp_path / 'out'),
+        '--experiment', 'cifar', '--train-num-samples', '16', '--hflip', '0.5', '--scale', '0.75', '1',
+        '--model-kwargs', *(f'{k}={v}' for k, v in model_kwargs.items())])
+    last = tmp_path / 'out' / 'cifar' / 'last.pth.tar'
+    assert last.is_file()
+
+    # the reported metrics, recomputed from the saved weights and the raw test batch: pixels / 255,
+    # normalised with the model's mean and std (the 32x32 images need no resize or crop), in eval mode
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        state = torch.load(last, map_location='cpu', weights_only=True)['state_dict']
+    model = timm.create_model('ait_small_patch4_32', num_classes=10, **model_kwargs)
+    model.load_state_dict(state)
+    with open(cifar10_root / 'cifar-10-batches-py' / 'test_batch', 'rb') as f:
+        batch = pickle.load(f)
+    images = torch.tensor(batch['data']).reshape(8, 3, 32, 32).float() / 255
+    mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
+    labels = torch.tensor([int(y) for y in batch['labels']])
+    with torch.no_grad():
+        logits = model.eval()((images - mean) / std)
+    top5 = logits.topk(5, dim=-1).indices
+    assert metrics['top1'] == pytest.approx(100.0 * (top5[:, 0] == labels).float().mean().item(), abs=1e-4)
+    assert metrics['top5'] == pytest.approx(100.0 * (top5 == labels[:, None]).any(-1).float().mean().item(), abs=1e-4)
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-4)
 
 
 def test_oxford_pet_stand_in(tmp_path):

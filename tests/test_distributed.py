@@ -25,6 +25,7 @@ def _train_rank(rank, world_size, rdzv, out_dir, steps, nan_at=None):
         model.reset_memory()  # ranks start from different memories: the averaged write must still agree
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+        memory_after_step = []  # each step's written memory: ranks that drift apart can re-converge later
         for step in range(steps):
             x = torch.randn(4, 3, 16, 16, generator=gen)
             target = torch.randint(0, 4, (4,), generator=gen)
@@ -35,10 +36,13 @@ def _train_rank(rank, world_size, rdzv, out_dir, steps, nan_at=None):
             loss = torch.nn.functional.cross_entropy(ddp(x), target) + 1e-2 * model.balance_loss()
             if nan_at is not None and step == nan_at[1]:
                 break  # where a training script stops (a NaN loss); the memory this forward left is saved
+            memory_after_step.append({k: v.clone() for k, v in model.state_dict().items()
+                                      if k.endswith('memory.memory')})
             opt.zero_grad()
             loss.backward()
             opt.step()
         torch.save(model.state_dict(), os.path.join(out_dir, f'rank{rank}.pth'))
+        torch.save(memory_after_step, os.path.join(out_dir, f'rank{rank}_steps.pth'))
     finally:
         dist.destroy_process_group()
 
@@ -52,6 +56,12 @@ def test_two_gloo_ranks_end_with_bit_identical_memory_and_weights(tmp_path):
     init = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    steps_a, steps_b = (torch.load(tmp_path / f'rank{r}_steps.pth') for r in (0, 1))
+    assert len(steps_a) == len(steps_b) == 3
+    for step, (mem_a, mem_b) in enumerate(zip(steps_a, steps_b), start=1):
+        assert sorted(mem_a) == sorted(memory_keys)
+        for k in memory_keys:  # after every step, not only the last: rounding differences can wash out
+            assert torch.equal(mem_a[k], mem_b[k]), f'after step {step}: {k}'
     for k in memory_keys:  # and the memory was written
         assert not torch.equal(a[k], init.state_dict()[k])
 

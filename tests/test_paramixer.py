@@ -330,19 +330,75 @@ def test_state_dict_round_trip(block_type):
     assert torch.equal(src(x), dst(x))
 
 
-def test_checkpoint_filter_fn_maps_authors_symmetric_keys():
-    src = _tiny('symmetric', seed=1).eval()
-    _random_head(src)
-    # the authors' code stores the one symmetric matrix as fc2.weight
-    authors = {k.replace('.fc1.', '.fc2.'): v for k, v in src.state_dict().items()}
-    dst = _tiny('symmetric', seed=2).eval()
-    dst.load_state_dict(checkpoint_filter_fn(authors, dst))
-    x = torch.randn(2, 3, 16, 16)
-    assert src(x).abs().max() > 0 and torch.equal(src(x), dst(x))
-    for block_type in ('serial', 'parallel', 'symbreak'):
-        model = _tiny(block_type)
-        state_dict = model.state_dict()
-        assert checkpoint_filter_fn(state_dict, model) is state_dict
+# --- the authors' checkpoints (github.com/Toshihiro-Ota/paramixer) ---------------------------------------
+# Written from THEIR code (models/mixers.py MlpMixer, models/layers.py vMlp / sMlp / aMlp, vMixerBlock /
+# pMixerBlock): their key names and shapes, and their forward with torch's functions, never this project's.
+
+# our block type -> their MLP's matrices: vMlp and aMlp have fc1 (hidden, in) and fc2 (out, hidden); sMlp
+# has one matrix, named fc2 but built as Linear(in, hidden), so (hidden, in), used as W and as W.T
+_THEIR_MLP_KEYS = dict(serial=('fc1', 'fc2'), parallel=('fc1', 'fc2'), symmetric=('fc2',), symbreak=('fc1', 'fc2'))
+
+
+def their_checkpoint(block_type, embed_dim=32, num_blocks=3, patch_size=4, img_size=16, num_classes=5, seed=0):
+    """A random ``state_dict()`` of their MlpMixer, their defaults (no MLP biases, no stem norm).
+
+    Scales are chosen so that every LayerNorm's eps (their 1e-6) shows: the stem has gains of 0.01 and
+    every MLP matrix 0.1, so the stream the norms see keeps a variance near 1e-4, where eps 1e-5 in
+    place of 1e-6 changes a norm's output by about 4%.
+    """
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    D, N, p = embed_dim, (img_size // patch_size) ** 2, patch_size
+    sd = {'stem.proj.weight': randn(D, 3, p, p) * 0.01 / (3 * p * p) ** 0.5, 'stem.proj.bias': 0.01 * randn(D)}
+    for i in range(num_blocks):
+        for norm in (('norm1', 'norm2') if block_type == 'serial' else ('norm',)):  # over (tokens, channels)
+            sd[f'blocks.{i}.{norm}.weight'] = 1 + 0.2 * randn(N, D)
+            sd[f'blocks.{i}.{norm}.bias'] = 0.2 * randn(N, D)
+        for mlp, width, hidden in (('mlp_tokens', N, D // 2), ('mlp_channels', D, 4 * D)):  # mlp_ratio (0.5, 4)
+            for fc in _THEIR_MLP_KEYS[block_type]:
+                shape = (width, hidden) if fc == 'fc2' and block_type != 'symmetric' else (hidden, width)
+                sd[f'blocks.{i}.{mlp}.{fc}.weight'] = randn(*shape) * 0.1 / shape[1] ** 0.5
+    sd.update({'norm.weight': 1 + 0.2 * randn(D), 'norm.bias': 0.2 * randn(D),
+               'head.weight': randn(num_classes, D) / D ** 0.5, 'head.bias': 0.1 * randn(num_classes)})
+    return sd
+
+
+def their_forward(sd, x, block_type, num_blocks=3, patch_size=4):
+    """Their MlpMixer.forward in eval: PatchEmbed, the blocks, LayerNorm(D), mean over tokens, head."""
+    def ln(z, name, dims):
+        return F.layer_norm(z, z.shape[-dims:], sd[f'{name}.weight'], sd[f'{name}.bias'], 1e-6)
+
+    def mlp(z, name):
+        if block_type == 'symmetric':  # sMlp: F.linear(x, fc2.weight), act, F.linear(x, fc2.weight.T)
+            w = sd[f'{name}.fc2.weight']
+            return F.linear(F.gelu(F.linear(z, w)), w.T)
+        h = F.gelu(F.linear(z, sd[f'{name}.fc1.weight']))
+        if block_type == 'symbreak':  # aMlp: F.linear(x, fc1.weight.T) + fc2(x)
+            return F.linear(h, sd[f'{name}.fc1.weight'].T) + F.linear(h, sd[f'{name}.fc2.weight'])
+        return F.linear(h, sd[f'{name}.fc2.weight'])  # vMlp
+
+    x = F.conv2d(x, sd['stem.proj.weight'], sd['stem.proj.bias'], stride=patch_size).flatten(2).transpose(1, 2)
+    for i in range(num_blocks):
+        b = f'blocks.{i}'
+        if block_type == 'serial':  # vMixerBlock
+            x = x + mlp(ln(x, f'{b}.norm1', 2).transpose(1, 2), f'{b}.mlp_tokens').transpose(1, 2)
+            x = x + mlp(ln(x, f'{b}.norm2', 2), f'{b}.mlp_channels')
+        else:  # pMixerBlock: both MLPs from the same norm(x)
+            z = ln(x, f'{b}.norm', 2)
+            x = x + mlp(z.transpose(1, 2), f'{b}.mlp_tokens').transpose(1, 2) + mlp(z, f'{b}.mlp_channels')
+    return F.linear(ln(x, 'norm', 1).mean(dim=1), sd['head.weight'], sd['head.bias'])
+
+
+@pytest.mark.parametrize('block_type', BLOCK_TYPES)
+def test_authors_checkpoint_computes_their_forward(block_type):
+    theirs = their_checkpoint(block_type)
+    model = _tiny(block_type, seed=2).eval()
+    model.load_state_dict(checkpoint_filter_fn(dict(theirs), model))  # strict: every key, every shape
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = their_forward(theirs, x, block_type)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert expected.std() > 0.1  # logits that differ, not a constant the head's bias alone would give
 
 
 def test_grad_checkpointing_matches():

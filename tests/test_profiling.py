@@ -40,4 +40,13 @@ def test_question_answering_models_get_their_questions():
     model = timm.create_model('ait_small_patch5_75', patch_size=15, embed_dim=32, num_heads=2, depth=1)
     images, questions = example_inputs(model, (3, 75, 75), batch_size=2)
     assert images.shape == (2, 3, 75, 75) and questions.shape == (2, 11)
-    assert profile_model(model)['gmacs'] > 0
+    # the multiply-adds of the architecture's products for one image: 25 patches of 15 * 15 * 3 values and
+    # one question token (T = 26) of width D = 32, one block with 2 heads of 16, a GWL with 32 slots of 32
+    # (eval: no write, the Hopfield read only) and the flatten head over T * D for 10 answers
+    T, D, N, S, m = 26, 32, 25, 32, 32
+    expected = (N * 675 * D + 11 * D  # patch and question embeddings
+                + T * D * 3 * D + 2 * (2 * T * T * 16) + T * D * D  # qkv, scores and their sum over v, proj
+                + 2 * T * D * 4 * D  # the GWL's fc1 and fc2
+                + S * m * D + 2 * T * S * D  # the read: priors up to D, patch-attractor scores and their sum
+                + T * D * 10)  # classifier
+    assert profile_model(model)['gmacs'] * 1e9 == pytest.approx(expected, rel=1e-9)
