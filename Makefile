@@ -25,7 +25,7 @@ setup: $(BIN)/.installed
 
 # The floors go in first, into an empty environment (timm without its dependencies, which would bring
 # another torch); only then the .pth that appends .venv's packages, so that the floors shadow them.
-$(FLOOR_VENV)/.installed: $(BIN)/.installed
+$(FLOOR_VENV)/.installed: pyproject.toml $(BIN)/.installed
 	rm -rf $(FLOOR_VENV)
 	$(BIN)/python -m venv --without-pip $(FLOOR_VENV)
 	$(BIN)/pip --python $(FLOOR_VENV)/bin/python install -q --no-deps $(FLOOR_PINS)
