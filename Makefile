@@ -28,7 +28,7 @@ setup: $(BIN)/.installed
 $(FLOOR_VENV)/.installed: pyproject.toml $(BIN)/.installed
 	rm -rf $(FLOOR_VENV)
 	$(BIN)/python -m venv --without-pip $(FLOOR_VENV)
-	$(BIN)/pip --python $(FLOOR_VENV)/bin/python install -q --no-deps $(FLOOR_PINS)
+	$(BIN)/pip --python $(FLOOR_VENV)/bin/python install -q --no-deps $(filter timm==%,$(FLOOR_PINS))
 	$(BIN)/pip --python $(FLOOR_VENV)/bin/python install -q $(filter-out timm==%,$(FLOOR_PINS))
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
 		> $$($(FLOOR_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/zz_main_venv.pth
