@@ -1,4 +1,4 @@
-"""The model card (README.md) of a published model, rendered from the templates in ``hub_cards/``.
+"""The model card (README.md) of a published model, rendered from the templates in ``timm_ait/hub_cards/``.
 
 Every number on the card is measured or read, never typed: parameters, GMACs and activations from
 the model, results from the run's ``summary.csv`` and, optionally, the JSON that ``validate.py``
@@ -8,7 +8,8 @@ parallelized MLP-Mixer) and shows how to call it.
 import csv
 import json
 import os
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from string import Template
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,8 +19,8 @@ from .profiling import profile_model
 
 __all__ = ['TEMPLATE_DIR', 'read_summary', 'read_validation', 'gwl_settings', 'render_model_card']
 
-# beside the package in the source tree: card rendering needs a source (or editable) install
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
+# package data, so that an installed wheel renders cards as a source checkout does
+TEMPLATE_DIR = files(__package__) / 'hub_cards'
 
 # Hub dataset ids for the card's front matter; generated datasets have none and keep their name
 HUB_DATASET_IDS = {
@@ -180,11 +181,11 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
     )
 
 
-def _read_template(name: str, template_dir: Path) -> Template:
-    path = Path(template_dir) / name
+def _read_template(name: str, template_dir: Traversable) -> Template:
+    path = template_dir / name
     if not path.is_file():
-        raise FileNotFoundError(f'model card template {str(path)!r} not found; the templates live in hub_cards/ of '
-                                'the timm-ait source tree (install it from source, e.g. pip install -e .)')
+        raise FileNotFoundError(f'model card template {str(path)!r} not found; the templates are package data of '
+                                'timm_ait (timm_ait/hub_cards/*.md), so this install of timm-ait is incomplete')
     return Template(path.read_text(encoding='utf-8'))
 
 
@@ -195,11 +196,13 @@ def render_model_card(
         summary: Optional[Dict[str, Any]] = None,
         validation: Optional[Dict[str, Any]] = None,
         input_size: Optional[Tuple[int, int, int]] = None,
-        template_dir: Path = TEMPLATE_DIR,
+        template_dir: Traversable = TEMPLATE_DIR,
 ) -> str:
     """README.md of ``model`` published as ``repo_id``, trained on ``dataset`` (a training-script name).
 
     ``input_size`` is the (C, H, W) the weights were trained at; by default the model's pretrained cfg's.
+    ``template_dir``: a folder (a path or an ``importlib.resources`` traversable) holding ``model_card.md`` and
+    the usage templates; by default the ones shipped in the package.
     """
     from .data.factory import DATASETS
 
