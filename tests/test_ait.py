@@ -140,7 +140,8 @@ def test_memory_init_keyword_and_reset():
     (dict(gwl_heads=0), 'gwl_heads must be >= 1'),
     (dict(num_heads=3), 'embed_dim 32 is not divisible by num_heads 3'),
     # caught at construction, not at the first forward or as a ZeroDivisionError
-    (dict(bottleneck=2.5), r'bottleneck must be >= 1 \(an integer, the top-k\) or None \(dense\), got 2.5'),
+    (dict(bottleneck=2.5), r"bottleneck must be >= 1 \(an integer, the top-k, or 'none' for dense attention\), got 2.5"),
+    (dict(depth=0), r'depth must be >= 1 \(an integer\), got 0'),
     (dict(patch_size=0), r'patch_size must be >= 1 .*got 0'),
     (dict(beta=float('nan')), 'beta must be > 0 and finite, got nan'),
 ])

@@ -258,9 +258,12 @@ def test_eval_never_writes_and_is_independent_of_the_batch():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(bottleneck=0), 'bottleneck size k must be >= 1'),
-    (dict(num_slots=0), 'num_slots >= 1'),
-    (dict(gwl_heads=0), 'num_heads >= 1'),
+    (dict(bottleneck=0), r"bottleneck must be >= 1 \(an integer, the top-k, or 'none' for dense attention\), got 0"),
+    (dict(bottleneck='dense'), r"bottleneck must be >= 1 .*got 'dense'"),
+    (dict(num_slots=0), r'num_slots must be >= 1 \(an integer\), got 0'),
+    (dict(gwl_heads=0), r'gwl_heads must be >= 1 \(an integer\), got 0'),
+    (dict(hopfield_steps=2.5), r'hopfield_steps must be >= 1 \(an integer\), got 2.5'),
+    (dict(hopfield='no way'), r"hopfield must be True or False, got 'no way'"),
     (dict(memory_init='zeros'), "unknown memory_init 'zeros'"),
     (dict(beta=0.), 'beta must be > 0'),
     (dict(hopfield_steps=0), 'steps must be >= 1'),

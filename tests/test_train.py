@@ -32,7 +32,8 @@ def run(script, *args, env=None, check=True, **kwargs):
 def script(name):
     """The code of train_scripts/NAME.py, to call its main() in this process (no interpreter start-up)."""
     from timm_ait.train import validate
-    return {'train': train, 'validate': validate}[name]
+    from timm_ait import publish
+    return {'train': train, 'validate': validate, 'push_to_hub': publish}[name]
 
 
 def read_summary(path):
