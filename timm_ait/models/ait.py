@@ -59,7 +59,7 @@ from ..checkpoint import verify_loaded_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..engine import check_state_dict
 from ..hub import explain_download_errors, hf_hub_id
-from ..layers import GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
+from ..layers import DEFAULT_BALANCE_LOSS_COEF, GlobalWorkspaceLayer, LinearPatchEmbed, MEMORY_INITS
 from ..layers import balance_loss as _balance_loss
 from ..layers import reset_memory as _reset_memory
 from ._factory import DENSE
@@ -107,6 +107,8 @@ class AssociativeTransformer(VisionTransformer):
         num_slots, slot_dim, gwl_heads, bottleneck, cap_bottleneck, smoothing, memory_init,
         memory_l2norm, beta, hopfield_steps, hopfield, feed_forward: see ``GlobalWorkspaceLayer``.
         self_attn: False removes the blocks' self-attention (ablation).
+        balance_loss_coef: weight of the GWL balance loss that a training forward adds to the backward of
+            whatever loss is computed from the output (the paper's lambda); 0 turns it off.
         ablation: one name of :data:`ABLATIONS` (the paper's Table 2), applied over the above.
         global_pool: timm's options plus 'flatten' (the authors' head over all tokens).
     """
@@ -138,6 +140,7 @@ class AssociativeTransformer(VisionTransformer):
             feed_forward: bool = True,
             gwl_write_drop: float = 0.,
             gwl_write_norm_eps: float = 1e-6,
+            balance_loss_coef: float = DEFAULT_BALANCE_LOSS_COEF,
             self_attn: bool = True,
             ablation: Optional[str] = None,
             **kwargs,
@@ -172,7 +175,7 @@ class AssociativeTransformer(VisionTransformer):
                 bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
                 memory_init=memory_init, memory_l2norm=memory_l2norm, beta=beta,
                 hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward,
-                write_drop=gwl_write_drop, write_norm_eps=gwl_write_norm_eps)
+                write_drop=gwl_write_drop, write_norm_eps=gwl_write_norm_eps, balance_loss_coef=balance_loss_coef)
         else:
             mlp_layer = kwargs.pop('mlp_layer', Mlp)
         kwargs.setdefault('norm_layer', partial(LayerNorm, eps=1e-5))  # the authors' nn.LayerNorm default
@@ -222,7 +225,7 @@ class AssociativeTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def balance_loss(self) -> Optional[torch.Tensor]:
-        """Balance loss of the last training forward, summed over heads and layers (None in eval)."""
+        """Balance loss of the last training forward, summed over heads and layers, detached (None in eval)."""
         return _balance_loss(self)
 
     @torch.jit.ignore
