@@ -146,8 +146,9 @@ class GlobalWorkspaceLayer(nn.Module):
         """Refuse float16 autocast (a gradient scaler's setting) unless the trainer declared its loss scale."""
         if not self._adds_term() or self.balance_loss_scale is not None:
             return
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        device = x.device.type  # autocast exists for some device types only (not 'meta')
+        if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.float16):
             raise RuntimeError(FLOAT16_MESSAGE.format(coef=self.balance_loss_coef))
 
     @torch.jit.unused
