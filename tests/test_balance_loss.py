@@ -288,3 +288,14 @@ def test_ddp_two_gloo_ranks(tmp_path):
         torch.testing.assert_close(g['model'], g['explicit'], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / 'grads0.pth')['model'],
                                torch.load(tmp_path / 'grads1.pth')['model'])  # DDP averaged them
+
+
+@pytest.mark.parametrize('scale', [0.0, -1.0, torch.ones(2), torch.ones((), dtype=torch.long), 'half'])
+def test_a_bad_declared_scale_is_refused(scale):
+    with pytest.raises(ValueError, match='balance loss scale must be'):
+        timm_ait.set_balance_loss_scale(build(COEF), scale)
+
+
+def test_declaring_a_scale_needs_a_model_with_a_balance_term():
+    with pytest.raises(ValueError, match='has no GlobalWorkspaceLayer'):
+        timm_ait.set_balance_loss_scale(timm.create_model(**MODEL, gwl=False), 0.5)

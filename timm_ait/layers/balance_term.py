@@ -12,7 +12,9 @@ right for float32, bfloat16 autocast and DDP (which averages the term with the g
 scales (a float16 gradient scaler multiplies by S and later divides by S) or splits its loss (gradient
 accumulation divided by k) must say so with ``timm_ait.set_balance_loss_scale``; the model cannot read that
 factor from the gradient it receives. Undeclared, the two cases that Python can see without a host sync
-are refused with :data:`FLOAT16_MESSAGE` and :data:`ACCUMULATION_MESSAGE`.
+are refused with :data:`FLOAT16_MESSAGE` (at the forward) and :data:`ACCUMULATION_MESSAGE` (at the second
+backward with no parameter update since the first). The second check runs in eager mode only: a compiled
+backward runs no Python, so a compiled model must be given its scale when the trainer accumulates.
 """
 from typing import Optional, Union
 
@@ -24,9 +26,9 @@ __all__ = ['ACCUMULATION_MESSAGE', 'AddBalanceTerm', 'DEFAULT_BALANCE_LOSS_COEF'
 DEFAULT_BALANCE_LOSS_COEF = 1e-2  # lambda of the paper
 
 _REMEDY = (
-    'In your own loop, declare that factor before each forward with timm_ait.set_balance_loss_scale(model, '
-    'scale) ({example}); or build the model with balance_loss_coef=0 (--model-kwargs balance_loss_coef=0) '
-    'to train by the task loss alone.')
+    'In your own loop, declare the factor your backward puts on the loss before each forward, with '
+    'timm_ait.set_balance_loss_scale(model, scale) ({example}); or build the model with balance_loss_coef=0 '
+    '(--model-kwargs balance_loss_coef=0) to train by the task loss alone.')
 FLOAT16_MESSAGE = (
     'a training forward under float16 autocast with balance_loss_coef={coef}: the model adds its balance term '
     'to the backward itself, and a float16 gradient scaler (timm train.py --amp on CUDA) multiplies only the '
