@@ -350,12 +350,14 @@ def test_training_configs(config, gwl):
     cfg = yaml.safe_load(path.read_text())
     paper = dict(dataset='sort-of-clevr', sort_of_clevr_questions='all', num_classes=10, img_size=75,
                  epochs=100, batch_size=64, opt='adamw', lr=1e-4, weight_decay=0.01, sched='cosine',
-                 warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6, balance_loss_coef=0.01)
+                 warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-6)
     assert {k: cfg[k] for k in paper} == paper
     with torch.device('meta'):
         model = timm.create_model(cfg['model'], num_classes=cfg['num_classes'], img_size=cfg['img_size'],
                                   **cfg['model_kwargs'])
     assert model.has_gwl == gwl and model.pretrained_cfg['mean'] == tuple(cfg['mean'])
+    if gwl:  # the paper's lambda is the model's own balance term
+        assert {blk.mlp.balance_loss_coef for blk in model.blocks} == {0.01}
 
 
 def test_set_input_size_keeps_the_question_token_of_the_flatten_head():

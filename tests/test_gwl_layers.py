@@ -182,7 +182,8 @@ def test_training_forward_writes_memory_by_the_ewma_rule():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert layer.write_attn.q.weight.grad.abs().sum() > 0
-    assert layer.balance_loss is not None and layer.balance_loss.requires_grad
+    # kept for logging without its graph (the layer adds the term to the backward itself)
+    assert layer.balance_loss is not None and not layer.balance_loss.requires_grad
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])

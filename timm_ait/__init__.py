@@ -6,5 +6,6 @@ Importing this package registers every model with timm, so that
 from .version import __version__
 from .hub import HF_HUB_ORG
 from . import layers, models  # noqa: F401  (registers the models with timm)
-from .layers import balance_loss, memory_slot_similarity, reset_memory, skipped_memory_writes  # noqa: F401
-
+from .layers import (  # noqa: F401
+    balance_loss, memory_slot_similarity, reset_memory, set_balance_loss_scale, skipped_memory_writes,
+)

@@ -15,7 +15,7 @@ What is measured, per model and per mode (inference, train):
   run, the fastest run and the range. Time ratios: the median of the per-repeat ratios, with
   a 95% bootstrap interval, and the ratio of the fastest runs (other jobs only ever slow a run
   down, so with enough repeats the fastest runs are the least disturbed). A training step is forward, loss (cross-entropy,
-  plus 1e-2 times the GWL balance loss when the model has one), backward and an AdamW step.
+  and the GWL's own balance term, 1e-2 times its balance loss, when the model has one), backward and an AdamW step.
   Both wall-clock time and this process's CPU time (all its threads) are taken: on a machine
   shared with other jobs, CPU time leaves out the time spent waiting for a core, so its ratios
   are steadier (use ``--threads 1`` there, as waiting OpenMP threads spin and count as CPU
@@ -77,10 +77,9 @@ from timm.utils import ParseKwargs
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .cpu_speed import keep_freed_memory, minor_page_faults
-from .layers import balance_loss
+from .layers import set_balance_loss_scale
 from .profiling import flop_counter
 
-BALANCE_LOSS_WEIGHT = 1e-2
 MODES = ('inference', 'train')
 MEMORY_STEPS = 2  # the second training step holds optimizer state, gradients and activations at once
 MIB = 2 ** 20
@@ -191,14 +190,13 @@ class Workload:
 
     def train_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # the balance term must be scaled as the loss is (a tensor: no host sync)
+            set_balance_loss_scale(self.model, self.scaler.scale(torch.ones((), device=self.device)))
         with self._autocast():
             logits = self.forward(self.images)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
-            loss = F.cross_entropy(logits, self.targets)
-            extra = balance_loss(self.model)
-            if extra is not None:
-                loss = loss + BALANCE_LOSS_WEIGHT * extra
+            loss = F.cross_entropy(logits, self.targets)  # a GWL adds its balance term to the backward itself
         if self.scaler is None:
             loss.backward()
             self.optimizer.step()

@@ -12,7 +12,7 @@ For each model (registered size, random weights, batch 2), in eval unless said o
 * ``export``: ``torch.export.export``: the program mutates no buffer and its module gives the eager
   logits.
 * ``train``: a training step under ``torch.compile(fullgraph=True)`` (backend ``aot_eager``; forward
-  with the memory write, cross-entropy plus 1e-2 x the balance loss, and backward) gives the eager
+  with the memory write, cross-entropy and the model's own balance term, and backward) gives the eager
   loss, gradients and written memory.
 * ``script``, ``fx``: TorchScript and timm's FX feature extraction (the image models get these, and
   more, from timm's own suite: tools/run_timm_suite.py; the question-answering models only here).
@@ -36,7 +36,6 @@ import timm_ait
 from timm.models import get_notrace_functions, get_notrace_modules, model_entrypoint
 
 ONNX_RTOL = 1e-4
-BALANCE_LOSS_WEIGHT = 1e-2
 PATHS = ('onnx', 'export', 'train', 'script', 'fx')
 
 
@@ -123,10 +122,8 @@ def check_export(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> floa
 
 
 def loss_of(model: torch.nn.Module, inputs: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """The training loss: cross-entropy plus 1e-2 x the GWL balance loss of this forward."""
-    loss = F.cross_entropy(model(*inputs), targets)
-    balance = timm_ait.balance_loss(model)
-    return loss if balance is None else loss + BALANCE_LOSS_WEIGHT * balance
+    """The training loss: cross-entropy (a GWL adds 1e-2 x its balance loss to the backward itself)."""
+    return F.cross_entropy(model(*inputs), targets)
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable, inputs, targets) -> Tuple[torch.Tensor, Dict, Dict]:

@@ -13,7 +13,7 @@ OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 COMMON = dict(
     opt='adamw', opt_betas=[0.9, 0.999], weight_decay=0.01, sched='cosine', lr=1.0e-4, warmup_lr=1.0e-5,
-    min_lr=1.0e-6, cooldown_epochs=0, smoothing=0.0, balance_loss_coef=0.01, epochs=100, warmup_epochs=5,
+    min_lr=1.0e-6, cooldown_epochs=0, smoothing=0.0, epochs=100, warmup_epochs=5,
 )
 # batch_size is per process: the bottleneck's patch pool is batch x tokens of one process, as in
 # the paper (512 x 64 = 32.8k patches for CIFAR)

@@ -107,6 +107,8 @@ class AssociativeTransformer(VisionTransformer):
         gwl_write_norm_eps (its ``write_norm_eps``): see ``GlobalWorkspaceLayer``; ``bottleneck='none'`` is the
         dense ablation.
         self_attn: False removes the blocks' self-attention (ablation).
+        balance_loss_coef: weight of the GWL balance loss that a training forward adds to the backward of
+            whatever loss is computed from the output (the paper's lambda); 0 turns it off.
         ablation: one name of :data:`ABLATIONS` (the paper's Table 2), applied over the above.
         global_pool: timm's options plus 'flatten' (the authors' head over all tokens).
     """
@@ -200,7 +202,7 @@ class AssociativeTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def balance_loss(self) -> Optional[torch.Tensor]:
-        """Balance loss of the last training forward, summed over heads and layers (None in eval)."""
+        """Balance loss of the last training forward, summed over heads and layers, detached (None in eval)."""
         return _balance_loss(self)
 
     @torch.jit.ignore

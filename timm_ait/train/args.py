@@ -11,7 +11,6 @@ from timm.utils import ParseKwargs
 
 from ..data.factory import DATASETS, FRESH_EACH_EPOCH
 from ..run_model import MODEL_SETTINGS, resolve_model_settings, run_args
-from .task import DEFAULT_BALANCE_LOSS_COEF
 
 __all__ = ['PER_INVOCATION', 'OPTIMIZER_SETTINGS', 'build_parser', 'parse_args', 'given_args',
            'apply_checkpoint_settings', 'check_args']
@@ -79,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--decay-rate', type=float, default=0.1)
     group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every optimizer update')
     group.add_argument('--grad-accum-steps', type=int, default=1)
-    group.add_argument('--balance-loss-coef', type=float, default=DEFAULT_BALANCE_LOSS_COEF,
-                       help='lambda of the bottleneck attention balance loss')
     group.add_argument('--reset-memory-each-epoch', action='store_true',
                        help="the paper's 'reset memory' ablation (also set by --model-kwargs ablation=reset_memory)")
     group = parser.add_argument_group('Augmentation and regularization')

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 train_scripts/train.py -c train_scripts/configs/ait_small_patch4_32-cifar10.yaml \
         --data-dir /data/cifar --dataset-download
 
-The loss is cross-entropy plus ``--balance-loss-coef`` times the bottleneck attention balance loss
-(:class:`timm_ait.train.task.AiTClassificationTask`). Each epoch's metrics, the balance loss among them, go
+The loss is cross-entropy (:class:`timm_ait.train.task.AiTClassificationTask`); an AiT adds its balance
+term, ``balance_loss_coef`` (a model keyword, 1e-2 by default) times the bottleneck attention balance loss,
+to the backward itself. Each epoch's metrics, the balance loss among them, go
 to summary.csv in the run folder beside timm's columns, with the mean cosine between memory slots
 (train_memory_slot_cos: 1 when the memory has collapsed to one prior); checkpoints are written by timm's
 CheckpointSaver (atomically: a file is complete or absent), each with a digest of its contents that a
@@ -36,7 +37,10 @@ from timm.utils import (
 
 from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoint, state_digest
 from ..data.factory import check_num_classes, create_ait_dataset, dataset_needs_no_aug
-from ..layers import memory_slot_similarity, reset_memory as reset_model_memory, skipped_memory_writes
+from ..layers import (
+    GlobalWorkspaceLayer, memory_slot_similarity, reset_memory as reset_model_memory, set_balance_loss_scale,
+    skipped_memory_writes,
+)
 from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
@@ -137,6 +141,7 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     task.train()
     model = task.trainable_module
     accum = args.grad_accum_steps
+    has_gwl = any(isinstance(m, GlobalWorkspaceLayer) for m in model.modules())
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
@@ -150,6 +155,9 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
         input, target = to_device(input, device), target.to(device)
         if mixup_fn is not None:
             input, target = mixup_fn(input, target)
+        if has_gwl:  # the balance term is scaled as this loss is: divided by accum, times the fp16 loss scale
+            set_balance_loss_scale(model, 1.0 / accum if loss_scaler is None else
+                                   loss_scaler._scaler.scale(torch.ones((), device=device)) / accum)
         sync = need_update or not args.distributed
         with (task.no_sync() if not sync else torch.enable_grad()):
             with autocast():
@@ -255,8 +263,7 @@ def main(argv=None):
     else:
         train_model = model
     criterion_kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_fn is not None or args.mixup > 0 or args.cutmix > 0)
-    task = AiTClassificationTask(train_model, criterion_kwargs=criterion_kwargs,
-                                 balance_loss_coef=args.balance_loss_coef, device=device, verbose=False)
+    task = AiTClassificationTask(train_model, criterion_kwargs=criterion_kwargs, device=device, verbose=False)
     if args.distributed:
         # every rank writes the same memory (averaged writes), so buffers need no broadcast
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None,

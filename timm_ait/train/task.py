@@ -1,16 +1,14 @@
-"""timm training task for AiT: cross-entropy plus the bottleneck attention balance loss, plus any
-model's own ``aux_loss()`` (the hmixer ``lcoeff`` penalty)."""
+"""timm training task: cross-entropy plus any model's own ``aux_loss()`` (the hmixer ``lcoeff`` penalty),
+with the AiT balance loss reported for logging (an AiT adds its balance term to the backward itself)."""
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
 from timm.task import ClassificationTask
 
-from ..layers import balance_loss
+from ..layers import DEFAULT_BALANCE_LOSS_COEF, GlobalWorkspaceLayer, balance_loss
 
 __all__ = ['AiTClassificationTask', 'DEFAULT_BALANCE_LOSS_COEF', 'aux_loss']
-
-DEFAULT_BALANCE_LOSS_COEF = 1e-2  # lambda of the paper
 
 
 def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
@@ -23,9 +21,12 @@ def aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
 
 
 class AiTClassificationTask(ClassificationTask):
-    """``loss = criterion(model(x), y) + coef * balance_loss + aux_loss``, the balance loss summed over
-    heads and layers of the last training forward, ``aux_loss`` that of :func:`aux_loss` (training only,
-    as the authors of the hmixer penalty add it). For models with neither this is timm's ClassificationTask.
+    """``loss = criterion(model(x), y) + aux_loss``, ``aux_loss`` that of :func:`aux_loss` (training only, as
+    the authors of the hmixer penalty add it). A GWL's balance term is not added here: the model adds
+    ``balance_loss_coef * balance`` to the backward of any loss computed from its output; the balance loss
+    (summed over heads and layers of the last training forward) is in the result for logging. For models
+    with neither this is timm's ClassificationTask. 'loss' is the objective (the balance term included, as a
+    detached number: its gradient comes from the model).
 
     The input may be a tensor or a tuple of tensors (e.g. images and questions), passed to the model
     as positional arguments. The result holds 'loss', 'output', 'task_loss', 'balance_loss' and 'aux_loss'.
@@ -36,14 +37,12 @@ class AiTClassificationTask(ClassificationTask):
             model: nn.Module,
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
-            balance_loss_coef: float = DEFAULT_BALANCE_LOSS_COEF,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
         super().__init__(model, criterion=criterion, criterion_kwargs=criterion_kwargs,
                          device=device, dtype=dtype, verbose=verbose)
-        self.balance_loss_coef = balance_loss_coef
 
     def forward(self, input, target) -> Dict[str, torch.Tensor]:
         inputs = input if isinstance(input, (tuple, list)) else (input,)
@@ -55,8 +54,11 @@ class AiTClassificationTask(ClassificationTask):
         aux = aux_loss(self.trainable_module) if self.training else None
         if aux is None:
             aux = task_loss.new_zeros(())
+        # the objective the backward follows, for the log: the model's balance term is a detached number here
+        term = [m.balance_loss_coef * m.balance_loss for m in self.trainable_module.modules()
+                if isinstance(m, GlobalWorkspaceLayer) and m.balance_loss is not None] if self.training else []
         return {
-            'loss': task_loss + self.balance_loss_coef * balance + aux,
+            'loss': task_loss + aux + (torch.stack(term).sum() if term else 0.0),
             'output': output,
             'task_loss': task_loss,
             'balance_loss': balance.detach(),
