@@ -37,7 +37,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 
@@ -54,7 +53,7 @@ SORT_OF_CLEVR_QUESTION_DIM = 11
 SORT_OF_CLEVR_ANSWERS = ('yes', 'no', 'square', 'circle', '1', '2', '3', '4', '5', '6')
 
 
-@register_notrace_function
+@torch.fx.wrap
 def check_questions(questions: torch.Tensor, question_dim: int, batch_size: int) -> torch.Tensor:
     """``questions`` itself if it is a (batch_size, question_dim) float tensor, else an error naming both.
 

@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, to_2tuple
-from timm.layers._fx import register_notrace_function
 from timm.models._builder import _resolve_pretrained_source, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
@@ -54,7 +53,7 @@ __all__ = [
 ]  # register_model adds each entrypoint fn to this
 
 
-@register_notrace_function  # FX: a leaf, so traced models check their input too (returns x to stay in the graph)
+@torch.fx.wrap  # FX: a leaf, so traced models check their input too (returns x to stay in the graph)
 def check_mixer_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], num_patches: int, patch_size: int) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f'Expected a (B, C, H, W) image batch, got a tensor of shape {list(x.shape)}.')
