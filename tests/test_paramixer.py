@@ -372,13 +372,14 @@ def test_norms_excluded_from_weight_decay():
 
 def test_bad_input_errors():
     model = _tiny()
-    with pytest.raises(ValueError, match='Expected 3 input channels, got 1'):
+    expected = r'expected images of shape \(B, 3, 16, 16\) \(batch, channels, height, width\), got '
+    with pytest.raises(ValueError, match=expected + r'\(1, 1, 16, 16\)$'):
         model(torch.randn(1, 1, 16, 16))
-    with pytest.raises(ValueError, match='Expected a 16x16 image .*got 20x20'):
+    with pytest.raises(ValueError, match=expected + r'\(1, 3, 20, 20\)$'):
         model(torch.randn(1, 3, 20, 20))
-    with pytest.raises(ValueError, match=r'Expected a \(B, C, H, W\)'):
+    with pytest.raises(ValueError, match=expected + r'\(3, 16, 16\)$'):
         model(torch.randn(3, 16, 16))
-    with pytest.raises(ValueError, match='got 32x32'):
+    with pytest.raises(ValueError, match=expected + r'\(1, 3, 32, 32\)$'):
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(torch.randn(1, 3, 16, 16), output_fmt='NHWC')
@@ -386,7 +387,7 @@ def test_bad_input_errors():
         _tiny('vanilla')
     with pytest.raises(ValueError, match='not divisible by patch_size'):
         HamMixer(img_size=30, patch_size=4)
-    with pytest.raises(ValueError, match='Expected a 32x32 image'):
+    with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
         timm.create_model('hmixer_parallel_s4_32', num_blocks=1, embed_dim=16)(torch.randn(1, 3, 224, 224))
 
 
