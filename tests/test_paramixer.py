@@ -19,7 +19,7 @@ import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.engine import check_checkpoint_arch, load_training_checkpoint, model_state_dict
 from timm_ait.hub import HF_HUB_ORG, hf_hub_id
 from timm_ait.models.paramixer import (
-    AUTHORS_MODELS, HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp,
+    AUTHORS_MODELS, HamMixer, MixerBlock, SymmetricMlp, SymmetryBreakingMlp,
     checkpoint_filter_fn,
 )
 from timm_ait.task import AiTClassificationTask
@@ -220,7 +220,7 @@ def _randomize_norms(module):
 def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     torch.manual_seed(0)
     n, d = 16, 24
-    blk = ParallelMixerBlock(d, n)
+    blk = MixerBlock(d, n, parallel=True)
     _randomize_norms(blk)
     assert [m.normalized_shape for m in blk.modules() if isinstance(m, nn.LayerNorm)] == [(n, d)]
     x = torch.randn(2, n, d)
@@ -235,7 +235,7 @@ def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     channel_mixing = blk.mlp_channels(z)
     torch.testing.assert_close(blk(x), x + token_mixing + channel_mixing)
 
-    serial = SerialMixerBlock(d, n)
+    serial = MixerBlock(d, n)
     serial.load_state_dict({
         k.replace('norm.', 'norm1.'): v for k, v in blk.state_dict().items()} | {
         k.replace('norm.', 'norm2.'): v for k, v in blk.state_dict().items() if k.startswith('norm.')})
@@ -244,17 +244,19 @@ def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     assert (serial(x) - blk(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize('block_type, block_cls, mlp_cls', [
-    ('serial', SerialMixerBlock, 'Mlp'),
-    ('parallel', ParallelMixerBlock, 'Mlp'),
-    ('symmetric', ParallelMixerBlock, 'SymmetricMlp'),
-    ('symbreak', ParallelMixerBlock, 'SymmetryBreakingMlp'),
+@pytest.mark.parametrize('block_type, parallel, mlp_cls', [
+    ('serial', False, 'Mlp'),
+    ('parallel', True, 'Mlp'),
+    ('symmetric', True, 'SymmetricMlp'),
+    ('symbreak', True, 'SymmetryBreakingMlp'),
 ])
-def test_block_type_wiring(block_type, block_cls, mlp_cls):
+def test_block_type_wiring(block_type, parallel, mlp_cls):
     model = _tiny(block_type)
     assert model.block_type == block_type
     for blk in model.blocks:
-        assert type(blk) is block_cls
+        assert type(blk) is MixerBlock and blk.parallel is parallel
+        norms = [n for n, m in blk.named_children() if isinstance(m, nn.LayerNorm)]
+        assert norms == (['norm'] if parallel else ['norm1', 'norm2'])
         assert type(blk.mlp_tokens).__name__ == type(blk.mlp_channels).__name__ == mlp_cls
     assert model.blocks[0].mlp_tokens.fc1.weight.shape == (16, 16)  # tokens -> D/2 = 16
     assert model.blocks[0].mlp_channels.fc1.weight.shape == (128, 32)  # D -> 4D

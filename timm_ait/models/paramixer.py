@@ -49,7 +49,7 @@ from ..layers.input_dtype import check_input_dtype
 from ..layers.patch_embed import check_images
 
 __all__ = [
-    'HamMixer', 'SerialMixerBlock', 'ParallelMixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
+    'HamMixer', 'MixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
     'AUTHORS_MODELS', 'check_trained_as',
 ]  # register_model adds each entrypoint fn to this
 
@@ -123,10 +123,14 @@ def _check_n_iter(n_iter: int) -> int:
     return n_iter
 
 
-class SerialMixerBlock(nn.Module):
-    """ Vanilla (serial) Mixer block, with each LayerNorm over the whole (tokens, channels) map as in the paper.
+class MixerBlock(nn.Module):
+    """ Mixer block with each LayerNorm over the whole (tokens, channels) map, as in the paper.
 
-    x <- x + T(LN1(x)); x <- x + C(LN2(x)), the pair applied n_iter times with the same weights.
+    serial:    x <- x + T(LN1(x)); x <- x + C(LN2(x))   (timm's MixerBlock wiring)
+    parallel:  x <- x + T(LN(x)) + C(LN(x))             (one hierarchical-Hopfield update)
+
+    applied n_iter times with the same weights (n_iter updates of one Hopfield layer). The norms are named as
+    in the authors' checkpoints: norm1 / norm2 in a serial block, norm in a parallel one (the others are None).
     """
     def __init__(
             self,
@@ -140,71 +144,43 @@ class SerialMixerBlock(nn.Module):
             drop: float = 0.,
             drop_path: float = 0.,
             n_iter: int = 1,
+            parallel: bool = False,
             device=None,
             dtype=None,
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.n_iter = _check_n_iter(n_iter)
+        self.parallel = parallel
         tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
-        self.norm1 = norm_layer((seq_len, dim), **dd)
+        # registered in the authors' order: the state dict, and timm's init (random draws in module order), as theirs
+        self.norm = norm_layer((seq_len, dim), **dd) if parallel else None
+        self.norm1 = None if parallel else norm_layer((seq_len, dim), **dd)
         self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer((seq_len, dim), **dd)
+        self.norm2 = None if parallel else norm_layer((seq_len, dim), **dd)
         self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.n_iter):
-            x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
-            x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+            if self.norm is not None:
+                z = self.norm(x)
+                # one drop_path per branch, as the serial wiring and the authors' code have, so that the
+                # variants differ only in wiring, not in how stochastic depth regularises them
+                x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
+                x = x + self.drop_path(self.mlp_channels(z))
+            else:
+                x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+                x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x
 
 
-class ParallelMixerBlock(nn.Module):
-    """ Parallelized Mixer block: one hierarchical-Hopfield update.
-
-    x <- x + T(LN(x)) + C(LN(x)), both MLPs reading the same LayerNorm over the whole (tokens, channels) map,
-    applied n_iter times with the same weights (n_iter updates of one Hopfield layer).
-    """
-    def __init__(
-            self,
-            dim: int,
-            seq_len: int,
-            mlp_ratio: Union[float, Tuple[float, float]] = (0.5, 4.0),
-            mlp_layer: Type[nn.Module] = Mlp,
-            mlp_bias: bool = False,
-            norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop: float = 0.,
-            drop_path: float = 0.,
-            n_iter: int = 1,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.n_iter = _check_n_iter(n_iter)
-        tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
-        self.norm = norm_layer((seq_len, dim), **dd)
-        self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.n_iter):
-            z = self.norm(x)
-            # one drop_path per branch, as the serial block and the authors' code do, so that the
-            # variants differ only in wiring, not in how stochastic depth regularises them
-            x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
-            x = x + self.drop_path(self.mlp_channels(z))
-        return x
-
-
+# block_type -> (parallel, MLP)
 _BLOCK_TYPES = {
-    'serial': (SerialMixerBlock, Mlp),
-    'parallel': (ParallelMixerBlock, Mlp),
-    'symmetric': (ParallelMixerBlock, SymmetricMlp),
-    'symbreak': (ParallelMixerBlock, SymmetryBreakingMlp),
+    'serial': (False, Mlp),
+    'parallel': (True, Mlp),
+    'symmetric': (True, SymmetricMlp),
+    'symbreak': (True, SymmetryBreakingMlp),
 }
 
 
@@ -275,7 +251,7 @@ class HamMixer(nn.Module):
         _check_n_iter(n_iter)
         if not lcoeff >= 0:
             raise ValueError(f'lcoeff (the weight of the L2 penalty on W2) must be >= 0, got {lcoeff!r}.')
-        block_layer, mlp_layer = _BLOCK_TYPES[block_type]
+        parallel, mlp_layer = _BLOCK_TYPES[block_type]
         self.block_type = block_type
         self.n_iter = n_iter
         self.lcoeff = lcoeff
@@ -287,7 +263,7 @@ class HamMixer(nn.Module):
 
         self.stem = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
         self.blocks = nn.Sequential(*[
-            block_layer(
+            MixerBlock(
                 embed_dim,
                 self.stem.num_patches,
                 mlp_ratio,
@@ -298,6 +274,7 @@ class HamMixer(nn.Module):
                 drop=proj_drop_rate,
                 drop_path=drop_path_rate,
                 n_iter=n_iter,
+                parallel=parallel,
                 **dd,
             )
             for _ in range(num_blocks)])
