@@ -49,8 +49,11 @@ def test_symbolic_trace_gives_the_eager_logits_and_keeps_the_input_check(name):
     smaller = _inputs(model, torch.randn(2, C, H // 2, W // 2))
     assert _error(traced, *smaller) == _error(model, *smaller)
 
-    if not any(isinstance(m, GlobalWorkspaceLayer) for m in model.modules()):
-        # hmixer: nothing but dropout (off here) differs in training, and plain FX traces it as well
+    if name.endswith('_s4_32'):
+        # one hmixer of each block type: nothing but dropout (off here) differs in training, and plain FX traces
+        # that too. Not the AiTs: plain FX traces into the GWL, whose training write is a leaf only for tracers
+        # told so (timm's, or torchvision's with leaf_modules=[GlobalWorkspaceLayer])
+        assert not any(isinstance(m, GlobalWorkspaceLayer) for m in model.modules())
         model.train()
         assert torch.equal(torch.fx.symbolic_trace(model)(*inputs), model(*inputs))
 

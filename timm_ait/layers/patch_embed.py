@@ -23,8 +23,8 @@ def check_images(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> t
 
     ``torch.fx.wrap`` makes it a leaf of every FX tracer (plain ``symbolic_trace``, timm's and torchvision's
     feature extractors), and TorchScript compiles it, so a traced or scripted model checks its input with the
-    same message. A module that calls it by another global name registers that name with ``torch.fx.wrap``
-    too (FX patches names, not functions). Returning ``x`` keeps the check in graphs that drop unused nodes.
+    same message. FX patches the name in this module's globals only: another module that calls it runs
+    ``torch.fx.wrap('check_images')`` at its top level too. Returning ``x`` keeps it in graphs that drop unused nodes.
     """
     if x.ndim != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(f'expected images of shape (B, {in_chans}, {img_size[0]}, {img_size[1]}) '
