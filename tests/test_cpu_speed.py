@@ -91,7 +91,16 @@ def test_speed_settings_reach_the_fp32_accuracy(fp32_run, name, args, threads, e
     assert abs(fast[-1] - reference[-1]) <= FINAL_TOP1_TOLERANCE, (fast, reference)
 
 
-def test_freed_tensors_stay_in_the_heap_instead_of_going_back_to_the_kernel():
+MiB = 2 ** 20
+
+
+def allocator_accounting(mode):
+    """glibc's accounting of two 8 MiB tensors, allocated and freed one after the other, in a fresh process.
+
+    mode 'default' leaves glibc as it comes, 'keep' calls keep_freed_memory(), 'pinned' fixes the mmap
+    threshold at glibc's initial 128 KiB. For each tensor: (bytes mapped on their own while it lives, the same
+    after it is freed, free bytes kept in the heap after it is freed), each counted from before it was made.
+    """
     # A fresh process each: the allocator's state is its own. The module is loaded from its file,
     # without the package (and timm), to start quickly. glibc's mallinfo2 counts the bytes mapped
     # on their own (hblkhd) and the free bytes kept in the heap (fordblks).
@@ -110,20 +119,24 @@ def test_freed_tensors_stay_in_the_heap_instead_of_going_back_to_the_kernel():
         libc.mallinfo2.restype = MallInfo2
         if sys.argv[1] == 'keep':
             assert cpu_speed.keep_freed_memory()
-        before = libc.mallinfo2()
-        tensor = torch.empty(8 * 2 ** 20, dtype=torch.uint8)  # 8 MiB, as an activation of a step
-        alive = libc.mallinfo2()
-        del tensor
-        freed = libc.mallinfo2()
-        print(alive.hblkhd - before.hblkhd, freed.hblkhd - before.hblkhd, freed.fordblks - before.fordblks)
+        if sys.argv[1] == 'pinned':
+            assert cpu_speed.set_malloc_thresholds(mmap_threshold=cpu_speed.INITIAL_MMAP_THRESHOLD)
+        for _ in range(2):
+            before = libc.mallinfo2()
+            tensor = torch.empty(8 * 2 ** 20, dtype=torch.uint8)  # 8 MiB, as an activation of a step
+            alive = libc.mallinfo2()
+            del tensor
+            freed = libc.mallinfo2()
+            print(alive.hblkhd - before.hblkhd, freed.hblkhd - before.hblkhd, freed.fordblks - before.fordblks)
     ''')
-    MiB = 2 ** 20
-    result = {}
-    for mode in ('default', 'keep'):
-        out = subprocess.run([sys.executable, '-c', script, mode, os.path.join(REPO, 'timm_ait', 'cpu_speed.py')],
-                             capture_output=True, text=True, cwd=REPO)
-        assert out.returncode == 0, out.stderr
-        result[mode] = [int(n) for n in out.stdout.split()]
+    out = subprocess.run([sys.executable, '-c', script, mode, os.path.join(REPO, 'timm_ait', 'cpu_speed.py')],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return [[int(n) for n in line.split()] for line in out.stdout.splitlines()]
+
+
+def test_freed_tensors_stay_in_the_heap_instead_of_going_back_to_the_kernel():
+    result = {mode: allocator_accounting(mode)[0] for mode in ('default', 'keep')}
     mapped_alive, mapped_freed, kept_free = result['default']
     # glibc as it comes: the block is mapped on its own and unmapped when freed; the next step's
     # block of that size faults all its pages in again
@@ -131,3 +144,12 @@ def test_freed_tensors_stay_in_the_heap_instead_of_going_back_to_the_kernel():
     mapped_alive, mapped_freed, kept_free = result['keep']
     # kept: served from the heap and left there, free, for the next step to reuse
     assert mapped_alive == 0 and mapped_freed == 0 and kept_free >= 7 * MiB, result
+
+
+def test_a_pinned_mmap_threshold_maps_every_large_tensor_on_its_own():
+    # what the benchmark's memory probes rely on: where a tensor lives does not depend on what was freed before
+    first, second = allocator_accounting('default')
+    # glibc as it comes raises its threshold when the first block is freed: the second is served from the heap
+    assert first[0] >= 8 * MiB and second[0] == 0, (first, second)
+    for mapped_alive, mapped_freed, kept_free in allocator_accounting('pinned'):
+        assert mapped_alive >= 8 * MiB and mapped_freed == 0 and kept_free < MiB

@@ -21,7 +21,7 @@ from timm_ait.checkpoint import read_checkpoint as load_training_checkpoint
 from timm_ait.run_model import check_checkpoint_arch
 from timm_ait.hub import HF_HUB_ORG, hf_hub_id
 from timm_ait.models.paramixer import (
-    AUTHORS_MODELS, HamMixer, ParallelMixerBlock, SerialMixerBlock, SymmetricMlp, SymmetryBreakingMlp,
+    AUTHORS_MODELS, HamMixer, MixerBlock, SymmetricMlp, SymmetryBreakingMlp,
     checkpoint_filter_fn,
 )
 from timm_ait.train.task import AiTClassificationTask
@@ -222,7 +222,7 @@ def _randomize_norms(module):
 def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     torch.manual_seed(0)
     n, d = 16, 24
-    blk = ParallelMixerBlock(d, n)
+    blk = MixerBlock(d, n, parallel=True)
     _randomize_norms(blk)
     assert [m.normalized_shape for m in blk.modules() if isinstance(m, nn.LayerNorm)] == [(n, d)]
     x = torch.randn(2, n, d)
@@ -237,7 +237,7 @@ def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     channel_mixing = blk.mlp_channels(z)
     torch.testing.assert_close(blk(x), x + token_mixing + channel_mixing)
 
-    serial = SerialMixerBlock(d, n)
+    serial = MixerBlock(d, n)
     serial.load_state_dict({
         k.replace('norm.', 'norm1.'): v for k, v in blk.state_dict().items()} | {
         k.replace('norm.', 'norm2.'): v for k, v in blk.state_dict().items() if k.startswith('norm.')})
@@ -246,17 +246,19 @@ def test_parallel_block_is_token_plus_channel_mixing_of_one_norm():
     assert (serial(x) - blk(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize('block_type, block_cls, mlp_cls', [
-    ('serial', SerialMixerBlock, 'Mlp'),
-    ('parallel', ParallelMixerBlock, 'Mlp'),
-    ('symmetric', ParallelMixerBlock, 'SymmetricMlp'),
-    ('symbreak', ParallelMixerBlock, 'SymmetryBreakingMlp'),
+@pytest.mark.parametrize('block_type, parallel, mlp_cls', [
+    ('serial', False, 'Mlp'),
+    ('parallel', True, 'Mlp'),
+    ('symmetric', True, 'SymmetricMlp'),
+    ('symbreak', True, 'SymmetryBreakingMlp'),
 ])
-def test_block_type_wiring(block_type, block_cls, mlp_cls):
+def test_block_type_wiring(block_type, parallel, mlp_cls):
     model = _tiny(block_type)
     assert model.block_type == block_type
     for blk in model.blocks:
-        assert type(blk) is block_cls
+        assert type(blk) is MixerBlock and blk.parallel is parallel
+        norms = [n for n, m in blk.named_children() if isinstance(m, nn.LayerNorm)]
+        assert norms == (['norm'] if parallel else ['norm1', 'norm2'])
         assert type(blk.mlp_tokens).__name__ == type(blk.mlp_channels).__name__ == mlp_cls
     assert model.blocks[0].mlp_tokens.fc1.weight.shape == (16, 16)  # tokens -> D/2 = 16
     assert model.blocks[0].mlp_channels.fc1.weight.shape == (128, 32)  # D -> 4D
@@ -430,13 +432,14 @@ def test_norms_excluded_from_weight_decay():
 
 def test_bad_input_errors():
     model = _tiny()
-    with pytest.raises(ValueError, match='Expected 3 input channels, got 1'):
+    expected = r'expected images of shape \(B, 3, 16, 16\) \(batch, channels, height, width\), got '
+    with pytest.raises(ValueError, match=expected + r'\(1, 1, 16, 16\)$'):
         model(torch.randn(1, 1, 16, 16))
-    with pytest.raises(ValueError, match='Expected a 16x16 image .*got 20x20'):
+    with pytest.raises(ValueError, match=expected + r'\(1, 3, 20, 20\)$'):
         model(torch.randn(1, 3, 20, 20))
-    with pytest.raises(ValueError, match=r'Expected a \(B, C, H, W\)'):
+    with pytest.raises(ValueError, match=expected + r'\(3, 16, 16\)$'):
         model(torch.randn(3, 16, 16))
-    with pytest.raises(ValueError, match='got 32x32'):
+    with pytest.raises(ValueError, match=expected + r'\(1, 3, 32, 32\)$'):
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(torch.randn(1, 3, 16, 16), output_fmt='NHWC')
@@ -444,7 +447,7 @@ def test_bad_input_errors():
         _tiny('vanilla')
     with pytest.raises(ValueError, match='not divisible by patch_size'):
         HamMixer(img_size=30, patch_size=4)
-    with pytest.raises(ValueError, match='Expected a 32x32 image'):
+    with pytest.raises(ValueError, match=r'expected images of shape \(B, 3, 32, 32\)'):
         timm.create_model('hmixer_parallel_s4_32', num_blocks=1, embed_dim=16)(torch.randn(1, 3, 224, 224))
 
 

@@ -50,8 +50,6 @@ the kernel and maps them again every step is slow; ``--keep-freed-memory`` keeps
 heap (:func:`timm_ait.cpu_speed.keep_freed_memory`) for the whole process.
 """
 import argparse
-import ctypes
-import ctypes.util
 import difflib
 import json
 import multiprocessing
@@ -76,14 +74,13 @@ from timm.models import get_pretrained_cfg_value
 from timm.utils import ParseKwargs
 
 from . import models  # noqa: F401  (registers the models with timm)
-from .cpu_speed import keep_freed_memory, minor_page_faults
+from .cpu_speed import INITIAL_MMAP_THRESHOLD, keep_freed_memory, minor_page_faults, set_malloc_thresholds
 from .layers import set_balance_loss_scale
 from .profiling import flop_counter
 
 MODES = ('inference', 'train')
 MEMORY_STEPS = 2  # the second training step holds optimizer state, gradients and activations at once
 MIB = 2 ** 20
-_M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
 # StepTime field -> name in the results: wall-clock 'step' time and process 'cpu' time
 CLOCKS = {'wall': 'step', 'cpu': 'cpu'}
 
@@ -304,10 +301,7 @@ def _map_large_allocations_individually() -> None:
     differed by up to 5% (ait_small, batch 64, train). With the threshold fixed they agree to
     0.1 MiB. Other C libraries are left as they are.
     """
-    libc_name = ctypes.util.find_library('c')
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, 'mallopt'):
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    set_malloc_thresholds(mmap_threshold=INITIAL_MMAP_THRESHOLD)
 
 
 def _peak_cpu_memory_in_this_process(spec: ModelSpec, settings: BenchSettings, mode: str) -> int:

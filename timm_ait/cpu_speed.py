@@ -16,11 +16,16 @@ import ctypes
 import ctypes.util
 from typing import Dict, Optional
 
-__all__ = ['CPU_TRAINING_ENV', 'KEEP_FREED_MEMORY_ENV', 'keep_freed_memory', 'minor_page_faults']
+__all__ = [
+    'CPU_TRAINING_ENV', 'KEEP_FREED_MEMORY_ENV', 'INITIAL_MMAP_THRESHOLD', 'keep_freed_memory', 'minor_page_faults',
+    'set_malloc_thresholds',
+]
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+# glibc's mmap threshold at start (DEFAULT_MMAP_THRESHOLD_MIN), before freed blocks raise it
+INITIAL_MMAP_THRESHOLD = 128 * 2 ** 10
 # glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX); larger is refused
 MAX_MMAP_THRESHOLD = 32 * 2 ** 20
 NEVER_TRIM = 2 ** 31 - 1  # mallopt takes an int
@@ -38,6 +43,21 @@ KEEP_FREED_MEMORY_ENV: Dict[str, str] = {
 CPU_TRAINING_ENV: Dict[str, str] = {**KEEP_FREED_MEMORY_ENV, 'OMP_WAIT_POLICY': 'PASSIVE'}
 
 
+def set_malloc_thresholds(mmap_threshold: Optional[int] = None, trim_threshold: Optional[int] = None) -> bool:
+    """Fix glibc malloc's mmap and / or trim threshold in this process (``mallopt``); True if each was taken.
+
+    A threshold set this way stays where it is: glibc no longer raises it as blocks are freed. Returns
+    False, and changes nothing, where the C library is not glibc; stops at the first value glibc refuses.
+    """
+    name = ctypes.util.find_library('c')
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'):
+        return False
+    settings = [(param, value) for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                                    (_M_TRIM_THRESHOLD, trim_threshold)) if value is not None]
+    return all(bool(libc.mallopt(param, value)) for param, value in settings)  # 1 on success, 0 refused
+
+
 def keep_freed_memory() -> bool:
     """Serve blocks under 32 MiB from the heap and never trim it, in this process (glibc only).
 
@@ -45,13 +65,7 @@ def keep_freed_memory() -> bool:
     more are still mapped and unmapped one by one: glibc allows no higher threshold. Processes
     forked afterwards (data loader workers) inherit the setting.
     """
-    name = ctypes.util.find_library('c')
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'):
-        return False
-    # mallopt returns 1 on success
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, NEVER_TRIM))
+    return set_malloc_thresholds(mmap_threshold=MAX_MMAP_THRESHOLD, trim_threshold=NEVER_TRIM)
 
 
 def minor_page_faults() -> Optional[int]:

@@ -4,7 +4,6 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import to_2tuple
-from timm.layers._fx import register_notrace_function
 
 from .input_dtype import check_input_dtype
 
@@ -18,13 +17,14 @@ def shape_str(shape: List[int]) -> str:
     return str(tuple(shape))
 
 
-@register_notrace_function
+@torch.fx.wrap
 def check_images(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> torch.Tensor:
     """``x`` itself if it is a batch of (in_chans, *img_size) images, else a ValueError naming both shapes.
 
-    A function FX treats as a leaf (timm's notrace functions) and TorchScript compiles, so a traced or
-    scripted model checks its input with the same message; returning ``x`` keeps the check in graphs
-    that drop nodes whose output is unused.
+    ``torch.fx.wrap`` makes it a leaf of every FX tracer (plain ``symbolic_trace``, timm's and torchvision's
+    feature extractors), and TorchScript compiles it, so a traced or scripted model checks its input with the
+    same message. FX patches the name in this module's globals only: another module that calls it runs
+    ``torch.fx.wrap('check_images')`` at its top level too. Returning ``x`` keeps it in graphs that drop unused nodes.
     """
     if x.ndim != 4 or x.shape[1] != in_chans or x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(f'expected images of shape (B, {in_chans}, {img_size[0]}, {img_size[1]}) '

@@ -37,7 +37,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 
@@ -51,7 +50,7 @@ __all__ = ['RelationalAssociativeTransformer', 'QuestionEmbed', 'SORT_OF_CLEVR_Q
 
 
 
-@register_notrace_function
+@torch.fx.wrap
 def check_questions(questions: torch.Tensor, question_dim: int, batch_size: int) -> torch.Tensor:
     """``questions`` itself if it is a (batch_size, question_dim) float tensor, else an error naming both.
 

@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, Mlp, PatchEmbed, get_device_dtype, to_2tuple
-from timm.layers._fx import register_notrace_function
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
@@ -46,25 +45,14 @@ from ..checkpoint import source_checkpoint
 from ..constants import CIFAR_MEAN, CIFAR_STD
 from ..hub import explain_download_errors, hf_hub_id
 from ..layers.input_dtype import check_input_dtype
+from ..layers.patch_embed import check_images
 
 __all__ = [
-    'HamMixer', 'SerialMixerBlock', 'ParallelMixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
+    'HamMixer', 'MixerBlock', 'SymmetricMlp', 'SymmetryBreakingMlp',
     'AUTHORS_MODELS', 'check_trained_as',
 ]  # register_model adds each entrypoint fn to this
 
-
-@register_notrace_function  # FX: a leaf, so traced models check their input too (returns x to stay in the graph)
-def check_mixer_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], num_patches: int, patch_size: int) -> torch.Tensor:
-    if x.ndim != 4:
-        raise ValueError(f'Expected a (B, C, H, W) image batch, got a tensor of shape {list(x.shape)}.')
-    if x.shape[1] != in_chans:
-        raise ValueError(f'Expected {in_chans} input channels, got {x.shape[1]}.')
-    H, W = img_size
-    if x.shape[-2] != H or x.shape[-1] != W:
-        raise ValueError(
-            f'Expected a {H}x{W} image ({num_patches} tokens of patch size {patch_size}), '
-            f'got {x.shape[-2]}x{x.shape[-1]}; this model has a fixed input size.')
-    return x
+torch.fx.wrap('check_images')  # FX patches a leaf by its name in each module that calls it: this one too
 
 
 class SymmetricMlp(nn.Module):
@@ -134,10 +122,14 @@ def _check_n_iter(n_iter: int) -> int:
     return n_iter
 
 
-class SerialMixerBlock(nn.Module):
-    """ Vanilla (serial) Mixer block, with each LayerNorm over the whole (tokens, channels) map as in the paper.
+class MixerBlock(nn.Module):
+    """ Mixer block with each LayerNorm over the whole (tokens, channels) map, as in the paper.
 
-    x <- x + T(LN1(x)); x <- x + C(LN2(x)), the pair applied n_iter times with the same weights.
+    serial:    x <- x + T(LN1(x)); x <- x + C(LN2(x))   (timm's MixerBlock wiring)
+    parallel:  x <- x + T(LN(x)) + C(LN(x))             (one hierarchical-Hopfield update)
+
+    applied n_iter times with the same weights (n_iter updates of one Hopfield layer). The norms are named as
+    in the authors' checkpoints: norm1 / norm2 in a serial block, norm in a parallel one (the others are None).
     """
     def __init__(
             self,
@@ -151,71 +143,43 @@ class SerialMixerBlock(nn.Module):
             drop: float = 0.,
             drop_path: float = 0.,
             n_iter: int = 1,
+            parallel: bool = False,
             device=None,
             dtype=None,
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.n_iter = _check_n_iter(n_iter)
+        self.parallel = parallel
         tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
-        self.norm1 = norm_layer((seq_len, dim), **dd)
+        # registered in the authors' order: the state dict, and timm's init (random draws in module order), as theirs
+        self.norm = norm_layer((seq_len, dim), **dd) if parallel else None
+        self.norm1 = None if parallel else norm_layer((seq_len, dim), **dd)
         self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer((seq_len, dim), **dd)
+        self.norm2 = None if parallel else norm_layer((seq_len, dim), **dd)
         self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.n_iter):
-            x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
-            x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+            if self.norm is not None:
+                z = self.norm(x)
+                # one drop_path per branch, as the serial wiring and the authors' code have, so that the
+                # variants differ only in wiring, not in how stochastic depth regularises them
+                x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
+                x = x + self.drop_path(self.mlp_channels(z))
+            else:
+                x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+                x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x
 
 
-class ParallelMixerBlock(nn.Module):
-    """ Parallelized Mixer block: one hierarchical-Hopfield update.
-
-    x <- x + T(LN(x)) + C(LN(x)), both MLPs reading the same LayerNorm over the whole (tokens, channels) map,
-    applied n_iter times with the same weights (n_iter updates of one Hopfield layer).
-    """
-    def __init__(
-            self,
-            dim: int,
-            seq_len: int,
-            mlp_ratio: Union[float, Tuple[float, float]] = (0.5, 4.0),
-            mlp_layer: Type[nn.Module] = Mlp,
-            mlp_bias: bool = False,
-            norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop: float = 0.,
-            drop_path: float = 0.,
-            n_iter: int = 1,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.n_iter = _check_n_iter(n_iter)
-        tokens_dim, channels_dim = [int(x * dim) for x in to_2tuple(mlp_ratio)]
-        self.norm = norm_layer((seq_len, dim), **dd)
-        self.mlp_tokens = mlp_layer(seq_len, tokens_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, bias=mlp_bias, drop=drop, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.n_iter):
-            z = self.norm(x)
-            # one drop_path per branch, as the serial block and the authors' code do, so that the
-            # variants differ only in wiring, not in how stochastic depth regularises them
-            x = x + self.drop_path(self.mlp_tokens(z.transpose(1, 2)).transpose(1, 2))
-            x = x + self.drop_path(self.mlp_channels(z))
-        return x
-
-
+# block_type -> (parallel, MLP)
 _BLOCK_TYPES = {
-    'serial': (SerialMixerBlock, Mlp),
-    'parallel': (ParallelMixerBlock, Mlp),
-    'symmetric': (ParallelMixerBlock, SymmetricMlp),
-    'symbreak': (ParallelMixerBlock, SymmetryBreakingMlp),
+    'serial': (False, Mlp),
+    'parallel': (True, Mlp),
+    'symmetric': (True, SymmetricMlp),
+    'symbreak': (True, SymmetryBreakingMlp),
 }
 
 
@@ -286,7 +250,7 @@ class HamMixer(nn.Module):
         _check_n_iter(n_iter)
         if not lcoeff >= 0:
             raise ValueError(f'lcoeff (the weight of the L2 penalty on W2) must be >= 0, got {lcoeff!r}.')
-        block_layer, mlp_layer = _BLOCK_TYPES[block_type]
+        parallel, mlp_layer = _BLOCK_TYPES[block_type]
         self.block_type = block_type
         self.n_iter = n_iter
         self.lcoeff = lcoeff
@@ -298,7 +262,7 @@ class HamMixer(nn.Module):
 
         self.stem = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, **dd)
         self.blocks = nn.Sequential(*[
-            block_layer(
+            MixerBlock(
                 embed_dim,
                 self.stem.num_patches,
                 mlp_ratio,
@@ -309,6 +273,7 @@ class HamMixer(nn.Module):
                 drop=proj_drop_rate,
                 drop_path=drop_path_rate,
                 n_iter=n_iter,
+                parallel=parallel,
                 **dd,
             )
             for _ in range(num_blocks)])
@@ -378,7 +343,7 @@ class HamMixer(nn.Module):
         # token-mixing MLPs and (N, D) LayerNorms are sized for one token grid: no other image size can run
         if not torch.jit.is_scripting():  # fp16 / uint8 / ... images the weights cannot take
             check_input_dtype(x, self.stem.proj.weight.dtype)
-        return check_mixer_input(x, self.in_chans, self.stem.img_size, self.stem.num_patches, self.stem.patch_size[0])
+        return check_images(x, self.in_chans, self.stem.img_size)
 
     def forward_intermediates(
             self,
