@@ -467,3 +467,44 @@ def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, pres
     assert yaml.safe_load(card.split('---')[1])['pipeline_tag'] == 'image-classification'
     # the Hub config rebuilds what the weights alone cannot tell (n_iter shares the weights)
     assert getattr(timm.create_model(f'local-dir:{out}', pretrained=True), 'n_iter', 1) == kwargs.get('n_iter', 1)
+
+
+def test_overwrite_never_writes_through_a_planted_link(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / 'run')
+    out, outside = tmp_path / 'hub_folder', tmp_path / 'outside.txt'
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out)])
+    outside.write_text('not push_to_hub\'s')
+    (out / 'config.json.tmp').symlink_to(outside)  # where the copy of config.json goes before its rename
+    with pytest.raises(FileExistsError, match=r"holds symbolic links \(config.json.tmp\); expected regular files"):
+        push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--overwrite'])
+    assert outside.read_text() == 'not push_to_hub\'s'
+
+
+def test_a_link_planted_after_the_check_is_replaced_not_followed(tmp_path):
+    folder, outside, source = tmp_path / 'hub_folder', tmp_path / 'outside.txt', tmp_path / 'config.json'
+    folder.mkdir()
+    outside.write_text('outside')
+    source.write_text('{"architecture": "x"}')
+    for planted in ('config.json.tmp', 'config.json'):
+        (folder / planted).unlink(missing_ok=True)
+        (folder / planted).symlink_to(outside)
+        push_to_hub.install_file(str(source), str(folder), 'config.json')
+        assert outside.read_text() == 'outside'
+        assert not (folder / 'config.json').is_symlink() and (folder / 'config.json').read_text() == source.read_text()
+        assert sorted(os.listdir(folder)) == ['config.json']
+
+
+def test_a_full_disk_while_writing_the_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+    out = tmp_path / 'hub_folder'
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(push_to_hub.os, 'fsync', full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.cli([str(make_checkpoint(tmp_path / 'run')), '--local-dir', str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error == f"error: [Errno 28] cannot write '{out / 'README.md'}': No space left on device\n"
+    assert os.listdir(out) == []  # no partial copy left behind

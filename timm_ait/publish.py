@@ -89,6 +89,10 @@ def check_local_dir(folder: str, overwrite: bool) -> None:
     if not os.path.isdir(folder):
         raise FileExistsError(f'--local-dir {folder!r} exists and is not a folder')
     present = sorted(os.listdir(folder))
+    links = [name for name in present if os.path.islink(os.path.join(folder, name))]
+    if links:  # a write must never go through a link to a file elsewhere
+        raise FileExistsError(f'--local-dir {folder!r} holds symbolic links ({", ".join(links[:5])}); expected '
+                              f'regular files only: remove them or give a new folder')
     ours = set(HUB_FILES) | {f'{name}.tmp' for name in HUB_FILES}  # .tmp: an interrupted earlier copy
     foreign = [name for name in present if name not in ours]
     if foreign:
@@ -98,6 +102,33 @@ def check_local_dir(folder: str, overwrite: bool) -> None:
     if present and not overwrite:
         raise FileExistsError(f'--local-dir {folder!r} holds an earlier Hub folder ({", ".join(present)}); pass '
                               '--overwrite to replace it')
+
+
+def install_file(source: str, folder: str, name: str) -> None:
+    """Copy ``source`` to ``folder/name`` atomically, never writing through an existing path.
+
+    The copy goes to a ``name.tmp`` created new (O_EXCL: an existing file or link there makes it fail, so a
+    link planted there is never followed), then replaces ``name`` (a rename replaces a link, not its target).
+    A failed write (a full disk) names the file and leaves no partial ``name.tmp``.
+    """
+    target = os.path.join(folder, name)
+    temporary = target + '.tmp'
+    if os.path.lexists(temporary):  # an interrupted earlier copy; unlink removes a link itself, not its target
+        os.unlink(temporary)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+    except OSError as e:
+        raise OSError(e.errno, f'cannot create {temporary!r} new: {e.strerror}') from e
+    try:
+        with os.fdopen(fd, 'wb') as out, open(source, 'rb') as data:
+            shutil.copyfileobj(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except OSError as e:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise OSError(e.errno, f'cannot write {target!r}: {e.strerror}') from e
 
 
 def write_hub_folder(model, folder: str, repo_id: str, dataset: str, data_config: dict,
@@ -172,9 +203,7 @@ def main(argv=None) -> str:
         if args.local_dir:
             os.makedirs(args.local_dir, exist_ok=True)
             for name in sorted(os.listdir(folder)):  # replace only the files written here, each atomically
-                target = os.path.join(args.local_dir, name)
-                shutil.copyfile(os.path.join(folder, name), target + '.tmp')
-                os.replace(target + '.tmp', target)
+                install_file(os.path.join(folder, name), args.local_dir, name)
             print(f'Wrote {sorted(os.listdir(folder))} to {args.local_dir}')
             return args.local_dir
         api = connect(token)
