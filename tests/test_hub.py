@@ -217,8 +217,9 @@ def test_card_reports_the_run_it_was_made_from(tmp_path):
     assert f"GMACs: {cost['gmacs']:.3g}" in card and f"Activations (M): {cost['activations_m']:.3g}" in card
     for expected in ('Memory slots: 16', 'Slot dim: 16', 'Heads: 4', 'Bottleneck k: 64', 'Hopfield beta: 1.0',
                      'Memory smoothing: 0.9', f"hf-hub:{hf_hub_id(MODEL, 'triangle')}", 'arXiv:2309.12862',
-                     'arXiv:2406.12220', 'Karakida, Ryo and Ota, Toshihiro and Taki, Masato'):
+                     'Sun, Yuwei and Ochiai, Hideya'):
         assert expected in card
+    assert '2406.12220' not in card and 'Karakida' not in card  # the hmixer paper is not this model's
     assert '$' not in card  # every placeholder was filled
 
 
@@ -437,15 +438,35 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
 
 @pytest.mark.parametrize('model_name,kwargs,dataset,present,absent', [
     ('hmixer_symbreak_s4_32', dict(embed_dim=32, num_blocks=2), 'torch/cifar10',
-     ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)'],
-     ['Global Workspace', 'Associative Transformer (AiT)']),
+     ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)',
+      'Paper:** Hierarchical Associative Memory', 'arXiv:2406.12220', 'Karakida, Ryo'],
+     ['Global Workspace', 'Associative Transformer (AiT)', '2309.12862', 'Sun, Yuwei']),
     ('hmixer_parallel_s4_32', dict(embed_dim=32, num_blocks=2, n_iter=2, lcoeff=1e-3), 'torch/cifar10',
      ['Block iterations:** each block applied 2 times', '`lcoeff=0.001`'], ['Global Workspace']),
     ('ait_small_patch4_32', dict(gwl=False, embed_dim=32, num_heads=2, num_classes=100), 'torch/cifar100',
      ['ViT twin', 'Global Workspace Layer:** none'], ['Memory slots', 'Hopfield beta']),
     ('ait_small_patch4_32', dict(embed_dim=32, num_heads=2), 'torch/cifar10',
-     ['a bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back'],
-     ['ablation', 'n/a (cross-attention read)']),
+     ["Each block keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer: a "
+      'bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back',
+      'Paper:** Associative Transformer', 'arXiv:2309.12862'],
+     ['ablation', 'n/a (cross-attention read)', '2406.12220', 'Karakida']),
+    ('ait_small_patch4_32', dict(self_attn=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention (the paper's 'W/O SA' ablation), only a pre-norm Global Workspace Layer: "
+      'a bottleneck attention'], ['self-attention and replaces', 'feed-forward', 'Reset Memory']),
+    ('ait_small_patch4_32', dict(ablation='no_self_attn', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention (the paper's 'W/O SA' ablation)"], ['keeps timm\'s pre-norm self-attention']),
+    ('ait_small_patch4_32', dict(feed_forward=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer without its "
+      "feed-forward network (the paper's 'W/O FF' ablation; the patches are only layer-normalised): a bottleneck"],
+     ['Layer: a bottleneck', 'W/O SA']),
+    ('ait_small_patch4_32', dict(self_attn=False, feed_forward=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention, only a pre-norm Global Workspace Layer without its feed-forward network "
+      "(the paper's 'W/O SA' and 'W/O FF' ablations"], ['keeps timm\'s pre-norm self-attention']),
+    ('ait_small_patch4_32', dict(ablation='reset_memory', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Layer: a bottleneck attention (top-k", "re-initialised at the start of every epoch (the paper's 'Reset "
+      "Memory' ablation)"], ['W/O', 'no Hopfield']),
+    ('ait_small_patch4_32', dict(gwl=False, self_attn=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ['ViT twin', 'Its blocks have no self-attention (`self_attn=False`)'], ['Memory slots']),
     ('ait_small_patch4_32', dict(ablation='no_hopfield', embed_dim=32, num_heads=2), 'torch/cifar10',
      ['a bottleneck attention (top-k', 'a multi-head cross-attention (no Hopfield', 'n/a (cross-attention read)'],
      ['Hopfield network', 'no bottleneck']),
