@@ -144,7 +144,7 @@ def test_validate_without_dataset_evaluates_the_image_folder_its_run_trained_on(
     with torch.no_grad():
         for label, name in enumerate(('bright', 'dark')):  # the class folders in sorted order
             for path in sorted((folder / 'val' / name).iterdir()):
-                pixels = torch.from_numpy(numpy.asarray(Image.open(path).convert('RGB'))).float()
+                pixels = torch.tensor(numpy.array(Image.open(path).convert('RGB')), dtype=torch.float32)
                 x = (pixels.permute(2, 0, 1) / 255 - mean) / std
                 losses.append(torch.nn.functional.cross_entropy(model(x[None]), torch.tensor([label])))
     assert results['loss'] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-4)
