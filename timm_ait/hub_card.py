@@ -145,13 +145,19 @@ def gwl_settings(model: nn.Module) -> List[Tuple[str, Any]]:
     ]
 
 
-def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Dict[str, Any]]) -> str:
+def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Dict[str, Any]],
+                      weights: Optional[Dict[str, Any]] = None) -> str:
     lines = []
+    if weights is not None:  # the table below shows the run's best and final epochs, which may be others
+        kind = 'EMA weights' if weights.get('use_ema') else 'weights'
+        epoch = weights.get('epoch')
+        lines += [f'The published {kind} are those of epoch {epoch} of the run.' if epoch is not None
+                  else f'The checkpoint of the published {kind} does not record its epoch.', '']
     if summary:
         columns = [key for key in _ACCURACIES if key in summary['final']]
-        weights = 'of the EMA weights ' if summary.get('ema') else ''
+        of_ema = 'of the EMA weights ' if summary.get('ema') else ''
         lines += [
-            f"Training run, {summary['num_epochs']} epochs (eval accuracy {weights}from the run's summary.csv):",
+            f"Training run, {summary['num_epochs']} epochs (eval accuracy {of_ema}from the run's summary.csv):",
             '',
             '| | Epoch | ' + ' | '.join(f'{_ACCURACIES[key]} (%)' for key in columns) + ' |',
             '|---|---|' + '---|' * len(columns),
@@ -170,7 +176,9 @@ def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Di
         where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'questions', 'num_samples', 'seed')
                           if k in validation)
         lines.append(f"`validate.py` on these weights: {', '.join(scores)} ({where}).")
-    return '\n'.join(lines) if lines else 'No results were recorded for these weights.'
+    if not summary and not validation:
+        lines.append('No results were recorded for these weights.')
+    return '\n'.join(lines).strip()
 
 
 def _has_self_attention(model: nn.Module) -> bool:
@@ -237,10 +245,12 @@ def render_model_card(
         validation: Optional[Dict[str, Any]] = None,
         input_size: Optional[Tuple[int, int, int]] = None,
         template_dir: Path = TEMPLATE_DIR,
+        weights: Optional[Dict[str, Any]] = None,
 ) -> str:
     """README.md of ``model`` published as ``repo_id``, trained on ``dataset`` (a training-script name).
 
     ``input_size`` is the (C, H, W) the weights were trained at; by default the model's pretrained cfg's.
+    ``weights``: which weights these are (``epoch`` of the run, ``use_ema``), said on the card.
     """
     from .data.factory import DATASETS
 
@@ -260,7 +270,7 @@ def render_model_card(
         gmacs=f"{cost['gmacs']:.3g}",
         activations_m=f"{cost['activations_m']:.3g}",
         image_size=f'{input_size[1]} x {input_size[2]}',
-        results=_results_markdown(summary, validation),
+        results=_results_markdown(summary, validation, weights),
         usage=_read_template(about.pop('usage_template'), template_dir).substitute(repo_id=repo_id).rstrip(),
         **about,
     )
