@@ -194,3 +194,16 @@ def test_analyze_refuses_what_it_cannot_analyse_in_one_line(tmp_path, capsys, ar
     error = capsys.readouterr().err
     assert error.startswith('error: ') and message in error and error.count('\n') == 1
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('setting,message', [
+    ('hopfield_steps=2.5', 'hopfield_steps must be >= 1 (an integer), got 2.5'),
+    ('depth=0', 'depth must be >= 1 (an integer), got 0'),
+])
+def test_validate_refuses_a_bad_model_setting_in_one_line(tmp_path, capsys, setting, message):
+    with pytest.raises(SystemExit) as exit_info:
+        validate_script.cli(['--model', MODEL, '--model-kwargs', setting, '--dataset', 'triangle',
+                             '--data-dir', str(tmp_path / 'data')])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f'error: {message}\n'
+    assert not (tmp_path / 'data').exists()
