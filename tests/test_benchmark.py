@@ -176,3 +176,18 @@ def test_compiled_workload_is_one_graph_and_trains():
     with pytest.raises(Exception, match='graph_break|graph break'):
         workload.run('inference', 1)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--flops-modules', '('], "--flops-modules '(': expected a regular expression of module names"),
+    (['--img-size', '0'], '--img-size must be >= 1, got 0'),
+    (['--device', 'mps'], "--device 'mps': expected 'cpu', 'cuda' or 'cuda:N'"),
+    (['--results-file', '/no/such/folder/results.json'], "expected a file in an existing folder"),
+])
+def test_bad_arguments_are_one_line_before_any_model_is_built(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(benchmark, 'benchmark', lambda *args: pytest.fail('benchmarked despite a bad argument'))
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(['-m', 'ait_small_patch4_32', '--model-kwargs', *TINY_ARGS, *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ': error: ' in error and message in error, error

@@ -1,5 +1,7 @@
-"""Under torch.distributed every rank must end each step with the same memory."""
+"""Under DDP training every rank must end each step with the same memory; a model outside DDP keeps its own."""
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import timm
@@ -77,3 +79,74 @@ def test_a_non_finite_write_on_one_rank_is_skipped_on_every_rank(tmp_path):
     for k in memory_keys:
         assert torch.equal(a[k], b[k]), k  # the same memory on both ranks
         assert torch.equal(a[k], before[k]), k  # as it was before the bad write, on the good rank too
+
+
+def _solo_training(seed, steps):
+    """A few training steps of a tiny AiT of its own (its seed, its data), and its state dict (one thread, so
+    that the sums round as on the ranks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _steps(seed, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps(seed, steps):
+    torch.manual_seed(seed)
+    model = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + seed)
+    for _ in range(steps):
+        x, target = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), target) + 1e-2 * model.balance_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.state_dict()
+
+
+def _independent_rank(rank, world_size, rdzv, out_dir, steps):
+    torch.set_num_threads(1)
+    # a short timeout: a write that waited for the other rank would fail here instead of hanging the tests
+    dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=20))
+    try:
+        torch.save(_solo_training(rank, steps), os.path.join(out_dir, f'rank{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_independent_models_on_two_ranks_keep_their_own_memories(tmp_path):
+    """A sweep or an ensemble: each rank trains a model of its own, without DDP, in one process group."""
+    mp.spawn(_independent_rank, args=(2, str(tmp_path / 'rdzv'), str(tmp_path), 2), nprocs=2, join=True)
+    for rank in (0, 1):
+        ranked, alone = torch.load(tmp_path / f'rank{rank}.pth'), _solo_training(rank, 2)
+        for k in alone:  # bit for bit what the same steps give without any process group
+            assert torch.equal(ranked[k], alone[k]), (rank, k)
+
+
+def _one_rank_forward(rank, world_size, rdzv, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=20))
+    done = os.path.join(out_dir, 'done')
+    try:
+        if rank == 0:  # a training-mode forward on this rank only, as analysis.analyze() runs one
+            torch.manual_seed(0)
+            model = timm.create_model('ait_small_patch4_32', num_classes=4, **TINY).train()
+            model(torch.randn(2, 3, 16, 16))
+            open(done, 'w').close()
+        else:  # the other rank takes part in no collective; it waits for rank 0 to finish
+            deadline = time.monotonic() + 60
+            while not os.path.exists(done) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_a_forward_outside_ddp_on_one_rank_does_not_wait_for_the_others(tmp_path):
+    mp.spawn(_one_rank_forward, args=(2, str(tmp_path / 'rdzv'), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / 'done').exists()

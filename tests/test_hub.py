@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import timm
 import timm_ait  # noqa: F401  (registers the models)
 from timm_ait.data.factory import create_ait_dataset
+from timm_ait.checkpoint import with_digest
 from timm_ait.data.sort_of_clevr import SortOfClevr
 from timm_ait.hub import hf_hub_id
 from timm_ait.hub_card import read_summary
@@ -84,6 +85,7 @@ print(json.dumps(dict(
 
 
 from timm_ait import publish as push_to_hub  # noqa: E402  (train_scripts/push_to_hub.py's code)
+from timm_ait.train import validate as validate_script  # noqa: E402  (train_scripts/validate.py's code)
 
 
 def client_env(tmp_path, endpoint=None, token=None, **extra):
@@ -107,23 +109,33 @@ def run(args, env, check=True):
     return result
 
 
-def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, summary: str = None, **train_args) -> Path:
+def make_checkpoint(folder: Path, state_dict=None, ema_state_dict=None, summary: str = None, epoch: int = 7,
+                    digest: bool = False, args_as_dict: bool = False, **train_args) -> Path:
     """A checkpoint as timm's CheckpointSaver writes it, with the run's summary.csv beside it.
 
-    By default the fixture's run; ``summary`` is the text of another summary.csv.
+    By default the fixture's run; ``summary`` is the text of another summary.csv. ``digest``: with the
+    digest entry train.py's saver adds. ``args_as_dict``: the training args as a dict, as other tools save them.
     """
     folder.mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(model=MODEL, model_kwargs={}, num_classes=None, dataset='triangle', img_size=None,
                               mean=None, std=None, interpolation='', crop_pct=None)
     vars(args).update(train_args)
-    checkpoint = dict(state_dict=state_dict or load_file(FIXTURE / 'model.safetensors'), args=args, epoch=7,
-                      metric=99.0)
+    checkpoint = dict(state_dict=state_dict or load_file(FIXTURE / 'model.safetensors'),
+                      args=vars(args) if args_as_dict else args, epoch=epoch, metric=99.0)
     if ema_state_dict is not None:
         checkpoint['state_dict_ema'] = ema_state_dict
     path = folder / 'model_best.pth.tar'
-    torch.save(checkpoint, path)
+    torch.save(with_digest(checkpoint) if digest else checkpoint, path)
     (folder / 'summary.csv').write_text(summary or (FIXTURE / 'summary.csv').read_text())
     return path
+
+
+def validate_checkpoint(checkpoint: Path, data_dir: Path, *flags, seed=FRESH_SEED, num_samples=FRESH_SAMPLES) -> Path:
+    """validate.py's results file (validate.json beside the checkpoint) on fresh Triangle images."""
+    results = checkpoint.parent / 'validate.json'
+    validate_script.main(['--checkpoint', str(checkpoint), '--data-dir', str(data_dir), '--seed', str(seed),
+                          '--num-samples', str(num_samples), '-j', '0', '--results-file', str(results), *flags])
+    return results
 
 
 def ema_summary() -> str:
@@ -157,7 +169,8 @@ def test_publish_then_pretrained_downloads_and_classifies(tmp_path, hub):
     noise = timm.create_model(MODEL).state_dict()
     checkpoint = make_checkpoint(tmp_path / 'run', state_dict=noise,
                                  ema_state_dict=load_file(FIXTURE / 'model.safetensors'), summary=ema_summary())
-    run([PUSH_SCRIPT, checkpoint, '--use-ema', '--results-file', FIXTURE / 'validate.json'],
+    results = validate_checkpoint(checkpoint, tmp_path / 'data', '--use-ema')
+    run([PUSH_SCRIPT, checkpoint, '--use-ema', '--results-file', results],
         client_env(tmp_path / 'publisher', hub.endpoint, TOKEN))
     published = hub.files(REPO_ID)
     assert sorted(published) == ['README.md', 'config.json', 'model.safetensors']
@@ -171,10 +184,12 @@ def test_publish_then_pretrained_downloads_and_classifies(tmp_path, hub):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report['hub_id'] == REPO_ID
     assert report['bitwise'] and report['by_name_bitwise'], 'weights (memory buffers included) changed on the way'
-    validation = json.loads((FIXTURE / 'validate.json').read_text())
-    assert validation['num_samples'] == FRESH_SAMPLES  # validate.py does not record the seed; the README does
-    # the downloaded model scores exactly what validate.py measured on the original checkpoint
+    validation = json.loads(results.read_text())
+    assert validation['num_samples'] == FRESH_SAMPLES and validation['seed'] == FRESH_SEED
+    # the downloaded model scores exactly what validate.py measured on the original checkpoint, as when the
+    # fixture was made (its validate.json: the same weights on the same images)
     assert report['accuracy'] == pytest.approx(validation['top1'], abs=1e-3)
+    assert validation['top1'] == json.loads((FIXTURE / 'validate.json').read_text())['top1']
     assert report['accuracy'] >= MIN_ACCURACY, report
     assert report['reset_head'] == [5, 4 * 128]  # flatten head: 4 patches x width 128
     assert report['reset_keeps_the_rest'], 'a new num_classes must reset only the classifier'
@@ -193,9 +208,9 @@ def test_local_dir_loads_back_bit_for_bit(tmp_path):
 
 
 def test_card_reports_the_run_it_was_made_from(tmp_path):
-    out = tmp_path / 'hub_folder'
-    push_to_hub.main([str(make_checkpoint(tmp_path / 'run')), '--local-dir', str(out),
-                      '--results-file', str(FIXTURE / 'validate.json')])
+    out, checkpoint = tmp_path / 'hub_folder', make_checkpoint(tmp_path / 'run')
+    results = validate_checkpoint(checkpoint, tmp_path / 'data', num_samples=200)
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--results-file', str(results)])
     card = (out / 'README.md').read_text()
     front_matter = yaml.safe_load(card.split('---')[1])
     assert set(front_matter['tags']) >= {'image-classification', 'timm', 'timm-ait'}
@@ -207,8 +222,9 @@ def test_card_reports_the_run_it_was_made_from(tmp_path):
     best = max(rows, key=lambda row: float(row['eval_top1']))
     assert f"| Best | {best['epoch']} | {float(best['eval_top1']):.2f} |" in card
     assert f"| Final | {rows[-1]['epoch']} | {float(rows[-1]['eval_top1']):.2f} |" in card
-    validation = json.loads((FIXTURE / 'validate.json').read_text())
-    assert f"top-1 {validation['top1']:.2f}%" in card and f"num_samples {validation['num_samples']}" in card
+    validation = json.loads(results.read_text())
+    assert f"top-1 {validation['top1']:.2f}%" in card and 'num_samples 200' in card
+    assert 'The published weights are those of epoch 7 of the run.' in card  # make_checkpoint's epoch
 
     model = timm.create_model(MODEL)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -217,8 +233,9 @@ def test_card_reports_the_run_it_was_made_from(tmp_path):
     assert f"GMACs: {cost['gmacs']:.3g}" in card and f"Activations (M): {cost['activations_m']:.3g}" in card
     for expected in ('Memory slots: 16', 'Slot dim: 16', 'Heads: 4', 'Bottleneck k: 64', 'Hopfield beta: 1.0',
                      'Memory smoothing: 0.9', f"hf-hub:{hf_hub_id(MODEL, 'triangle')}", 'arXiv:2309.12862',
-                     'arXiv:2406.12220', 'Karakida, Ryo and Ota, Toshihiro and Taki, Masato'):
+                     'Sun, Yuwei and Ochiai, Hideya'):
         assert expected in card
+    assert '2406.12220' not in card and 'Karakida' not in card  # the hmixer paper is not this model's
     assert '$' not in card  # every placeholder was filled
 
 
@@ -338,6 +355,7 @@ def test_the_card_of_ema_weights_shows_the_ema_accuracies(tmp_path):
     card = (out / 'README.md').read_text()
     assert 'eval accuracy of the EMA weights' in card
     assert '| Best | 2 | 88.50 |' in card and '| Final | 2 | 88.50 |' in card and '90.00' not in card
+    assert 'The published EMA weights are those of epoch 7 of the run.' in card
     # validate.py's results of the other weights do not go on this card
     plain = tmp_path / 'validate.json'
     plain.write_text(json.dumps(dict(model=MODEL, top1=91.0, top5=100.0, use_ema=False)))
@@ -405,12 +423,10 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
     model.train()(torch.rand(4, 3, 75, 75), torch.eye(11)[:4])  # write the memory: it must travel too
     checkpoint = make_checkpoint(tmp_path / 'run', state_dict=model.state_dict(), summary=RELATIONAL_SUMMARY,
                                  model=RELATIONAL, model_kwargs=RELATIONAL_KWARGS, dataset='sort-of-clevr')
-    validation = tmp_path / 'validate.json'
-    validation.write_text(json.dumps(dict(model=RELATIONAL, dataset='sort-of-clevr', split='validation',
-                                          num_samples=4000, seed=42, top1=61.5, top5=96.0,
-                                          relational_top1=49.5, non_relational_top1=73.5)))
+    validation = validate_checkpoint(checkpoint, tmp_path / 'data', seed=42, num_samples=5)  # 5 scenes
     out = tmp_path / 'hub_folder'
     assert push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--results-file', str(validation)]) == str(out)
+    measured = json.loads(validation.read_text())
 
     card = (out / 'README.md').read_text()
     repo_id = hf_hub_id(RELATIONAL, 'sort_of_clevr')  # the tag follows the dataset
@@ -420,7 +436,8 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
     assert 'Visual question answering' in card and 'one extra token' in card
     assert '| | Epoch | Top-1 (%) | Relational (%) | Non-relational (%) |' in card
     assert '| Best | 1 | 60.75 | 48.25 | 73.25 |' in card and '| Final | 2 | 59.50 | 47.00 | 72.00 |' in card
-    assert 'relational 49.50%, non-relational 73.50%' in card and 'num_samples 4000, seed 42' in card
+    assert (f"relational {measured['relational_top1']:.2f}%, non-relational {measured['non_relational_top1']:.2f}%"
+            in card) and f"num_samples {measured['num_samples']}, seed 42" in card
     cost = profile_model(model)
     assert f"GMACs: {cost['gmacs']:.3g}" in card and cost['gmacs'] > 0
 
@@ -437,15 +454,35 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
 
 @pytest.mark.parametrize('model_name,kwargs,dataset,present,absent', [
     ('hmixer_symbreak_s4_32', dict(embed_dim=32, num_blocks=2), 'torch/cifar10',
-     ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)'],
-     ['Global Workspace', 'Associative Transformer (AiT)']),
+     ['symbreak MLP-Mixer image classifier', 'Mixer block:** `symbreak`', 'W1^T act(W1 z) + W2 act(W1 z)',
+      'Paper:** Hierarchical Associative Memory', 'arXiv:2406.12220', 'Karakida, Ryo'],
+     ['Global Workspace', 'Associative Transformer (AiT)', '2309.12862', 'Sun, Yuwei']),
     ('hmixer_parallel_s4_32', dict(embed_dim=32, num_blocks=2, n_iter=2, lcoeff=1e-3), 'torch/cifar10',
      ['Block iterations:** each block applied 2 times', '`lcoeff=0.001`'], ['Global Workspace']),
     ('ait_small_patch4_32', dict(gwl=False, embed_dim=32, num_heads=2, num_classes=100), 'torch/cifar100',
      ['ViT twin', 'Global Workspace Layer:** none'], ['Memory slots', 'Hopfield beta']),
     ('ait_small_patch4_32', dict(embed_dim=32, num_heads=2), 'torch/cifar10',
-     ['a bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back'],
-     ['ablation', 'n/a (cross-attention read)']),
+     ["Each block keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer: a "
+      'bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back',
+      'Paper:** Associative Transformer', 'arXiv:2309.12862'],
+     ['ablation', 'n/a (cross-attention read)', '2406.12220', 'Karakida']),
+    ('ait_small_patch4_32', dict(self_attn=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention (the paper's 'W/O SA' ablation), only a pre-norm Global Workspace Layer: "
+      'a bottleneck attention'], ['self-attention and replaces', 'feed-forward', 'Reset Memory']),
+    ('ait_small_patch4_32', dict(ablation='no_self_attn', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention (the paper's 'W/O SA' ablation)"], ['keeps timm\'s pre-norm self-attention']),
+    ('ait_small_patch4_32', dict(feed_forward=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer without its "
+      "feed-forward network (the paper's 'W/O FF' ablation; the patches are only layer-normalised): a bottleneck"],
+     ['Layer: a bottleneck', 'W/O SA']),
+    ('ait_small_patch4_32', dict(self_attn=False, feed_forward=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Each block has no self-attention, only a pre-norm Global Workspace Layer without its feed-forward network "
+      "(the paper's 'W/O SA' and 'W/O FF' ablations"], ['keeps timm\'s pre-norm self-attention']),
+    ('ait_small_patch4_32', dict(ablation='reset_memory', embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Layer: a bottleneck attention (top-k", "re-initialised at the start of every epoch (the paper's 'Reset "
+      "Memory' ablation)"], ['W/O', 'no Hopfield']),
+    ('ait_small_patch4_32', dict(gwl=False, self_attn=False, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ['ViT twin', 'Its blocks have no self-attention (`self_attn=False`)'], ['Memory slots']),
     ('ait_small_patch4_32', dict(ablation='no_hopfield', embed_dim=32, num_heads=2), 'torch/cifar10',
      ['a bottleneck attention (top-k', 'a multi-head cross-attention (no Hopfield', 'n/a (cross-attention read)'],
      ['Hopfield network', 'no bottleneck']),
@@ -467,3 +504,77 @@ def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, pres
     assert yaml.safe_load(card.split('---')[1])['pipeline_tag'] == 'image-classification'
     # the Hub config rebuilds what the weights alone cannot tell (n_iter shares the weights)
     assert getattr(timm.create_model(f'local-dir:{out}', pretrained=True), 'n_iter', 1) == kwargs.get('n_iter', 1)
+
+
+def test_overwrite_never_writes_through_a_planted_link(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / 'run')
+    out, outside = tmp_path / 'hub_folder', tmp_path / 'outside.txt'
+    push_to_hub.main([str(checkpoint), '--local-dir', str(out)])
+    outside.write_text('not push_to_hub\'s')
+    (out / 'config.json.tmp').symlink_to(outside)  # where the copy of config.json goes before its rename
+    with pytest.raises(FileExistsError, match=r"holds symbolic links \(config.json.tmp\); expected regular files"):
+        push_to_hub.main([str(checkpoint), '--local-dir', str(out), '--overwrite'])
+    assert outside.read_text() == 'not push_to_hub\'s'
+
+
+def test_a_link_planted_after_the_check_is_replaced_not_followed(tmp_path):
+    folder, outside, source = tmp_path / 'hub_folder', tmp_path / 'outside.txt', tmp_path / 'config.json'
+    folder.mkdir()
+    outside.write_text('outside')
+    source.write_text('{"architecture": "x"}')
+    for planted in ('config.json.tmp', 'config.json'):
+        (folder / planted).unlink(missing_ok=True)
+        (folder / planted).symlink_to(outside)
+        push_to_hub.install_file(str(source), str(folder), 'config.json')
+        assert outside.read_text() == 'outside'
+        assert not (folder / 'config.json').is_symlink() and (folder / 'config.json').read_text() == source.read_text()
+        assert sorted(os.listdir(folder)) == ['config.json']
+
+
+def test_a_full_disk_while_writing_the_folder_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+    out = tmp_path / 'hub_folder'
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(push_to_hub.os, 'fsync', full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        push_to_hub.cli([str(make_checkpoint(tmp_path / 'run')), '--local-dir', str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error == f"error: [Errno 28] cannot write '{out / 'README.md'}': No space left on device\n"
+    assert os.listdir(out) == []  # no partial copy left behind
+
+
+def test_results_of_other_weights_are_refused_naming_both(tmp_path):
+    weights = load_file(FIXTURE / 'model.safetensors')
+    published = make_checkpoint(tmp_path / 'published', digest=True)  # epoch 7
+    earlier = make_checkpoint(tmp_path / 'earlier', state_dict={**weights, 'head.bias': weights['head.bias'] + 1},
+                              epoch=3, digest=True)
+    out = tmp_path / 'hub_folder'
+    results = validate_checkpoint(earlier, tmp_path / 'data', num_samples=32)
+    with pytest.raises(ValueError, match=(
+            rf"was measured on other weights \(weights_digest, checkpoint_digest, epoch differ\): the plain weights of "
+            rf"epoch 3 of checkpoint '{earlier}' \(checkpoint digest sha256:.*; expected the plain weights of epoch 7 "
+            rf"of checkpoint '{published}' .*: run validate.py --checkpoint {published} --results-file")):
+        push_to_hub.main([str(published), '--local-dir', str(out), '--results-file', str(results)])
+    # an older validate.py's results (the fixture's) say nothing of the weights: they cannot be checked
+    with pytest.raises(ValueError, match=r'does not record which weights it measured .*expected results of the '
+                                         r'plain weights of epoch 7'):
+        push_to_hub.main([str(published), '--local-dir', str(out), '--results-file', str(FIXTURE / 'validate.json')])
+    assert not out.exists()
+    # the results of these very weights go on the card, which says which epoch they are
+    results = validate_checkpoint(published, tmp_path / 'data', num_samples=32)
+    push_to_hub.main([str(published), '--local-dir', str(out), '--results-file', str(results)])
+    card = (out / 'README.md').read_text()
+    assert 'The published weights are those of epoch 7 of the run.' in card
+    assert f"`validate.py` on these weights: top-1 {json.loads(results.read_text())['top1']:.2f}%" in card
+
+
+def test_a_checkpoint_whose_args_are_a_dict_is_published_with_its_run_settings(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / 'run', args_as_dict=True, mean=(0.9, 0.1, 0.5), std=(0.1, 2.0, 0.5))
+    out = tmp_path / 'hub_folder'
+    push_to_hub.cli([str(checkpoint), '--local-dir', str(out)])
+    config = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert config['mean'] == [0.9, 0.1, 0.5] and config['std'] == [0.1, 2.0, 0.5]

@@ -219,6 +219,23 @@ def test_grid_of_questions_and_answers_is_drawn(tmp_path):
         assert grid.format == "PNG" and grid.width > grid.height > 300
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--cols", "0"], "--cols must be >= 1, got 0"),
+    (["--num-shown", "-1"], "--num-shown must be >= 1, got -1"),
+    (["--num-images", "0"], "--num-images must be >= 1, got 0"),
+    (["--out", "/no/such/folder/grid.png"], "expected a file in an existing folder"),
+])
+def test_grid_arguments_are_checked_before_any_data_is_made(tmp_path, capsys, flags, message):
+    from tools import show_sort_of_clevr as show
+
+    with pytest.raises(SystemExit) as exit_info:
+        show.main(["--data-dir", str(tmp_path / "data"), "--num-images", "5", *flags])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in error and message in error, error
+    assert not (tmp_path / "data").exists()
+
+
 class AlwaysAnswers(torch.nn.Module):
     """Answers every question with one fixed answer, whatever the image."""
 

@@ -12,9 +12,10 @@ import copy
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -27,7 +28,7 @@ from .layers import (
 
 __all__ = [
     'GWLRecord', 'LayerAnalysis', 'record_gwl_forward', 'selection_mask', 'diversity_score',
-    'slot_attention_maps', 'hopfield_energies', 'analyze', 'require_matplotlib',
+    'slot_attention_maps', 'hopfield_energies', 'check_analysable', 'analyze', 'require_matplotlib',
     'plot_slot_attention', 'plot_energy', 'save_analysis',
 ]
 
@@ -55,8 +56,18 @@ class GWLRecord:
 def _gwl_layers(model: nn.Module) -> Dict[str, GlobalWorkspaceLayer]:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, GlobalWorkspaceLayer)}
     if not layers:
-        raise ValueError(f'{type(model).__name__} has no Global Workspace Layer to analyse')
+        raise ValueError(f'{type(model).__name__} has no Global Workspace Layer to analyse: expected an AiT '
+                         '(an AssociativeTransformer built with gwl=True), got a model without one')
     return layers
+
+
+def check_analysable(model: nn.Module) -> None:
+    """A ValueError naming what was expected, before any work, unless ``model`` is an AiT with a GWL and a
+    patch grid (what :func:`analyze` maps the selections onto)."""
+    _gwl_layers(model)
+    if not hasattr(getattr(model, 'patch_embed', None), 'grid_size'):
+        raise ValueError(f'{type(model).__name__} has no patch_embed with a grid_size to map the selections onto: '
+                         'expected a timm ViT-style AiT')
 
 
 @torch.no_grad()
@@ -219,6 +230,7 @@ def analyze(model: nn.Module, images: torch.Tensor, questions: Optional[torch.Te
 
     A question-answering AiT also takes ``questions``; its question token is left out of the maps.
     """
+    check_analysable(model)
     grid_size = tuple(model.patch_embed.grid_size)
     num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
     num_suffix_tokens = 0 if questions is None else getattr(model, 'num_question_tokens', 0)
@@ -314,6 +326,17 @@ def plot_energy(layers: Sequence[LayerAnalysis], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@contextmanager
+def _naming_failures(path: str) -> Iterator[None]:
+    """An OSError while writing ``path`` names it: a write or close that fails (a full disk) does not."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f'cannot write {path!r}: {e.strerror or e}') from e
+
+
 def save_analysis(
         layers: Sequence[LayerAnalysis],
         output_dir: str,
@@ -328,15 +351,17 @@ def save_analysis(
     require_matplotlib()
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, 'analysis.json')
-    with open(json_path, 'w') as f:
+    with _naming_failures(json_path), open(json_path, 'w') as f:
         json.dump(dict(meta or {}, layers=[layer.summary() for layer in layers]), f, indent=1)
     paths = [json_path]
     for layer in layers:
         path = os.path.join(output_dir, f'attention_{layer.name}.png')
-        plot_slot_attention(layer, image, path)
+        with _naming_failures(path):
+            plot_slot_attention(layer, image, path)
         paths.append(path)
     if any(layer.energy_before is not None for layer in layers):
         path = os.path.join(output_dir, 'energy.png')
-        plot_energy(layers, path)
+        with _naming_failures(path):
+            plot_energy(layers, path)
         paths.append(path)
     return paths

@@ -25,7 +25,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from timm.utils import ParseKwargs
 
-from .analysis import analyze, require_matplotlib, save_analysis
+from .analysis import analyze, check_analysable, require_matplotlib, save_analysis
 from .run_model import load_run_model
 
 DATASETS = ('triangle', 'sort-of-clevr')
@@ -51,7 +51,9 @@ def parse_args(argv=None):
     parser.add_argument('--output', default='output/analysis', help='directory for the PNG and JSON files')
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error('--batch-size must be >= 1')
+        parser.error(f'--batch-size must be >= 1, got {args.batch_size}')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f'--device {args.device}: CUDA is not available; expected cpu')
     return args
 
 
@@ -87,8 +89,9 @@ def main(argv=None):
     # the one loader: the run's own model settings, its plain weights unless --use-ema, the digest checked
     loaded = load_run_model(args.checkpoint or '', model=args.model, model_kwargs=args.model_kwargs,
                             pretrained=args.pretrained, use_ema=args.use_ema)
-    model = loaded.model.to(args.device).eval()
     args.model = loaded.settings['model']
+    check_analysable(loaded.model)  # an hmixer or a ViT twin is refused before any data is made
+    model = loaded.model.to(args.device).eval()
     answers_questions = getattr(model, 'question_dim', None) is not None
     if answers_questions != (args.dataset == 'sort-of-clevr'):
         sys.exit(f'{args.model} answers questions about images: analyse it with --dataset sort-of-clevr'
@@ -102,8 +105,8 @@ def main(argv=None):
 
     mean = torch.tensor(data_config['mean']).view(-1, 1, 1)
     std = torch.tensor(data_config['std']).view(-1, 1, 1)
-    meta = dict(model=args.model, model_kwargs=args.model_kwargs, checkpoint=args.checkpoint,
-                pretrained=args.pretrained, dataset=args.dataset or 'random', split=args.split,
+    meta = dict(model=args.model, model_kwargs=loaded.settings['model_kwargs'], checkpoint=args.checkpoint,
+                use_ema=args.use_ema, pretrained=args.pretrained, dataset=args.dataset or 'random', split=args.split,
                 num_images=images.shape[0], seed=args.seed)
     paths = save_analysis(layers, args.output, images[0].cpu() * std + mean, meta)
     for layer in layers:
@@ -118,6 +121,17 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a bad request ends in one line and exit code 2."""
     try:
         main(argv)
-    except (ValueError, OSError) as e:  # OSError: missing files
+    except (ValueError, TypeError, OSError) as e:  # TypeError: a model keyword it does not take; OSError: files
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not hub_download_failed(e):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def hub_download_failed(error: RuntimeError) -> bool:
+    """Whether ``error`` is the one-line explanation of a failed download of pretrained weights, which
+    timm_ait.hub raises from huggingface_hub's own error."""
+    return type(error.__cause__).__module__.split('.')[0] == 'huggingface_hub'

@@ -706,10 +706,22 @@ def parse_args(argv=None):
             parser.error(f'--{name.replace("_", "-")} must be >= 1')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
+    if args.img_size is not None and args.img_size < 1:
+        parser.error(f'--img-size must be >= 1, got {args.img_size}')
     if args.num_warm_iter < 0:
         parser.error('--num-warm-iter must be >= 0')
+    if not re.fullmatch(r'cpu|cuda(:[0-9]+)?', args.device):
+        parser.error(f"--device {args.device!r}: expected 'cpu', 'cuda' or 'cuda:N' (the devices it can time)")
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: CUDA is not available')
+    if args.flops_modules is not None:
+        try:
+            re.compile(args.flops_modules)
+        except re.error as e:
+            parser.error(f'--flops-modules {args.flops_modules!r}: expected a regular expression of module names, '
+                         f'e.g. \'mlp\\.read$\' ({e})')
+    if args.results_file and not os.path.isdir(os.path.dirname(os.path.abspath(args.results_file))):
+        parser.error(f'--results-file {args.results_file!r}: expected a file in an existing folder')
     if args.speed_modes and len(set(args.speed_modes)) != len(args.speed_modes):
         parser.error(f'--speed-modes {" ".join(args.speed_modes)}: a mode is named twice')
     if args.bench is None:

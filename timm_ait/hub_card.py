@@ -2,8 +2,9 @@
 
 Every number on the card is measured or read, never typed: parameters, GMACs and activations from
 the model, results from the run's ``summary.csv`` and, optionally, the JSON that ``validate.py``
-writes. The card says what the model is (an AiT, its ViT twin, the question-answering AiT, or a
-parallelized MLP-Mixer) and shows how to call it.
+writes. The card says what the model is (an AiT or one of its ablations, its ViT twin, the
+question-answering AiT, or a parallelized MLP-Mixer), cites the paper of its family, and shows how
+to call it.
 """
 import csv
 import json
@@ -30,13 +31,26 @@ HUB_DATASET_IDS = {
 }
 
 _AIT = ('An Associative Transformer (AiT) {task} trained on {dataset} with timm-ait, the AiT models for `timm`. '
-        'Each block keeps timm\'s pre-norm self-attention and replaces the MLP with a Global Workspace Layer: '
-        '{write} writes into a small explicit memory, and {read} reads it back.')
-# what the built layer does, so that an ablation's card does not describe the full model
+        '{blocks}: {write} writes into a small explicit memory, and {read} reads it back.')
+# what the built blocks and layers do, so that an ablation's card does not describe the full model
+_AIT_BLOCKS = {
+    (True, True): "Each block keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer",
+    (False, True): "Each block has no self-attention (the paper's 'W/O SA' ablation), only a pre-norm Global "
+                   'Workspace Layer',
+    (True, False): "Each block keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace "
+                   "Layer without its feed-forward network (the paper's 'W/O FF' ablation; the patches are only "
+                   'layer-normalised)',
+    (False, False): "Each block has no self-attention, only a pre-norm Global Workspace Layer without its "
+                    "feed-forward network (the paper's 'W/O SA' and 'W/O FF' ablations; the patches are only "
+                    'layer-normalised)',
+}
 _AIT_WRITE = {True: 'a bottleneck attention (top-k patches per slot)',
               False: 'a dense attention over all tokens (no bottleneck, the paper\'s ablation)'}
 _AIT_READ = {True: 'a Hopfield network',
              False: 'a multi-head cross-attention (no Hopfield, the paper\'s ablation)'}
+_RESET_MEMORY = (" In training the memory was re-initialised at the start of every epoch (the paper's 'Reset Memory' "
+                 'ablation); the published memory is the one its last epoch wrote.')
+_NO_SELF_ATTENTION = " Its blocks have no self-attention (`self_attn=False`)."
 _VIT_TWIN = ('The ViT twin of an Associative Transformer (AiT) {task}, trained on {dataset} with timm-ait: the '
              'same model with timm\'s MLP in place of the Global Workspace Layer (`gwl=False`), the baseline the '
              'AiT paper compares against.')
@@ -54,6 +68,20 @@ _MIXER_BLOCKS = {
                 'update, `W1^T act(W1 z) + W2 act(W1 z)`.',
 }
 
+# each family's paper: a card names and cites the paper of its own model only
+_AIT_PAPER = ('Associative Transformer: https://arxiv.org/abs/2309.12862', """@article{sun2023associative,
+  title={Associative Transformer},
+  author={Sun, Yuwei and Ochiai, Hideya and Wu, Zhirong and Lin, Stephen and Kanai, Ryota},
+  journal={arXiv preprint arXiv:2309.12862},
+  year={2023}
+}""")
+_MIXER_PAPER = ('Hierarchical Associative Memory, Parallelized MLP-Mixer, and Symmetry Breaking: '
+                'https://arxiv.org/abs/2406.12220', """@article{karakida2024hierarchical,
+  title={Hierarchical Associative Memory, Parallelized MLP-Mixer, and Symmetry Breaking},
+  author={Karakida, Ryo and Ota, Toshihiro and Taki, Masato},
+  journal={arXiv preprint arXiv:2406.12220},
+  year={2024}
+}""")
 
 # accuracy columns of summary.csv (eval_ + key) and of validate.py's JSON, as the card names them
 _ACCURACIES = {'top1': 'Top-1', 'relational_top1': 'Relational', 'non_relational_top1': 'Non-relational'}
@@ -118,13 +146,19 @@ def gwl_settings(model: nn.Module) -> List[Tuple[str, Any]]:
     ]
 
 
-def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Dict[str, Any]]) -> str:
+def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Dict[str, Any]],
+                      weights: Optional[Dict[str, Any]] = None) -> str:
     lines = []
+    if weights is not None:  # the table below shows the run's best and final epochs, which may be others
+        kind = 'EMA weights' if weights.get('use_ema') else 'weights'
+        epoch = weights.get('epoch')
+        lines += [f'The published {kind} are those of epoch {epoch} of the run.' if epoch is not None
+                  else f'The checkpoint of the published {kind} does not record its epoch.', '']
     if summary:
         columns = [key for key in _ACCURACIES if key in summary['final']]
-        weights = 'of the EMA weights ' if summary.get('ema') else ''
+        of_ema = 'of the EMA weights ' if summary.get('ema') else ''
         lines += [
-            f"Training run, {summary['num_epochs']} epochs (eval accuracy {weights}from the run's summary.csv):",
+            f"Training run, {summary['num_epochs']} epochs (eval accuracy {of_ema}from the run's summary.csv):",
             '',
             '| | Epoch | ' + ' | '.join(f'{_ACCURACIES[key]} (%)' for key in columns) + ' |',
             '|---|---|' + '---|' * len(columns),
@@ -143,7 +177,14 @@ def _results_markdown(summary: Optional[Dict[str, Any]], validation: Optional[Di
         where = ', '.join(f'{k} {validation[k]}' for k in ('dataset', 'split', 'questions', 'num_samples', 'seed')
                           if k in validation)
         lines.append(f"`validate.py` on these weights: {', '.join(scores)} ({where}).")
-    return '\n'.join(lines) if lines else 'No results were recorded for these weights.'
+    if not summary and not validation:
+        lines.append('No results were recorded for these weights.')
+    return '\n'.join(lines).strip()
+
+
+def _has_self_attention(model: nn.Module) -> bool:
+    blocks = getattr(model, 'blocks', None)
+    return not blocks or getattr(blocks[0], 'attn', None) is not None
 
 
 def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
@@ -163,16 +204,24 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
     elif settings := gwl_settings(model):
         gwl = model.blocks[0].mlp  # gwl_settings found it
         description = _AIT.format(task=task, dataset=dataset_title,
+                                  blocks=_AIT_BLOCKS[_has_self_attention(model), isinstance(gwl.fc1, nn.Linear)],
                                   write=_AIT_WRITE[gwl.write_attn.bottleneck is not None],
                                   read=_AIT_READ[hasattr(gwl.read, 'beta')])
+        if getattr(model, 'memory_reset_each_epoch', False):
+            description += _RESET_MEMORY
         details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in settings]
     else:
         description = _VIT_TWIN.format(task=task, dataset=dataset_title)
+        if not _has_self_attention(model):
+            description += _NO_SELF_ATTENTION
         details = ['- **Global Workspace Layer:** none (the ViT twin, `gwl=False`)']
     if question:
         description += _QUESTION
+    paper, bibtex = _MIXER_PAPER if block_type is not None else _AIT_PAPER
     return dict(
         description=description,
+        paper=paper,
+        citation=f'```bibtex\n{bibtex}\n```',
         model_type=('Visual question answering (an image and a question in, an answer out)' if question
                     else 'Image classification / feature backbone'),
         architecture_details='\n'.join(details),
@@ -197,12 +246,14 @@ def render_model_card(
         validation: Optional[Dict[str, Any]] = None,
         input_size: Optional[Tuple[int, int, int]] = None,
         template_dir: Traversable = TEMPLATE_DIR,
+        weights: Optional[Dict[str, Any]] = None,
 ) -> str:
     """README.md of ``model`` published as ``repo_id``, trained on ``dataset`` (a training-script name).
 
     ``input_size`` is the (C, H, W) the weights were trained at; by default the model's pretrained cfg's.
     ``template_dir``: a folder (a path or an ``importlib.resources`` traversable) holding ``model_card.md`` and
     the usage templates; by default the ones shipped in the package.
+    ``weights``: which weights these are (``epoch`` of the run, ``use_ema``), said on the card.
     """
     from .data.factory import DATASETS
 
@@ -222,7 +273,7 @@ def render_model_card(
         gmacs=f"{cost['gmacs']:.3g}",
         activations_m=f"{cost['activations_m']:.3g}",
         image_size=f'{input_size[1]} x {input_size[2]}',
-        results=_results_markdown(summary, validation),
+        results=_results_markdown(summary, validation, weights),
         usage=_read_template(about.pop('usage_template'), template_dir).substitute(repo_id=repo_id).rstrip(),
         **about,
     )

@@ -7,7 +7,8 @@
 The model is rebuilt as it was trained (the checkpoint's model, model_kwargs and num_classes) and
 the weights are checked against it. The folder holds what timm's ``save_for_hf`` writes
 (config.json, model.safetensors) and a README.md rendered from hub_cards/model_card.md with the
-run's results (summary.csv beside the checkpoint, and --results-file from validate.py). It loads
+run's results (summary.csv beside the checkpoint, and --results-file from validate.py, refused unless it
+records that it measured these very weights), and says which epoch the weights are. It loads
 back with ``timm.create_model('hf-hub:REPO')`` or ``('local-dir:DIR')`` once timm_ait is imported.
 
 The repo id defaults to where ``pretrained=True`` looks: ``timm_ait.hub.hf_hub_id(model, tag)``,
@@ -32,7 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
-from .checkpoint import read_checkpoint
+from .checkpoint import DIGEST_KEY, content_digest, read_checkpoint
 from .hub import hf_hub_id
 from .hub_card import read_summary, read_validation, render_model_card
 from .run_model import load_run_model, run_args
@@ -89,6 +90,10 @@ def check_local_dir(folder: str, overwrite: bool) -> None:
     if not os.path.isdir(folder):
         raise FileExistsError(f'--local-dir {folder!r} exists and is not a folder')
     present = sorted(os.listdir(folder))
+    links = [name for name in present if os.path.islink(os.path.join(folder, name))]
+    if links:  # a write must never go through a link to a file elsewhere
+        raise FileExistsError(f'--local-dir {folder!r} holds symbolic links ({", ".join(links[:5])}); expected '
+                              f'regular files only: remove them or give a new folder')
     ours = set(HUB_FILES) | {f'{name}.tmp' for name in HUB_FILES}  # .tmp: an interrupted earlier copy
     foreign = [name for name in present if name not in ours]
     if foreign:
@@ -100,12 +105,39 @@ def check_local_dir(folder: str, overwrite: bool) -> None:
                               '--overwrite to replace it')
 
 
+def install_file(source: str, folder: str, name: str) -> None:
+    """Copy ``source`` to ``folder/name`` atomically, never writing through an existing path.
+
+    The copy goes to a ``name.tmp`` created new (O_EXCL: an existing file or link there makes it fail, so a
+    link planted there is never followed), then replaces ``name`` (a rename replaces a link, not its target).
+    A failed write (a full disk) names the file and leaves no partial ``name.tmp``.
+    """
+    target = os.path.join(folder, name)
+    temporary = target + '.tmp'
+    if os.path.lexists(temporary):  # an interrupted earlier copy; unlink removes a link itself, not its target
+        os.unlink(temporary)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+    except OSError as e:
+        raise OSError(e.errno, f'cannot create {temporary!r} new: {e.strerror}') from e
+    try:
+        with os.fdopen(fd, 'wb') as out, open(source, 'rb') as data:
+            shutil.copyfileobj(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except OSError as e:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise OSError(e.errno, f'cannot write {target!r}: {e.strerror}') from e
+
+
 def write_hub_folder(model, folder: str, repo_id: str, dataset: str, data_config: dict,
-                     summary: dict = None, validation: dict = None) -> None:
+                     summary: dict = None, validation: dict = None, weights: dict = None) -> None:
     """config.json + model.safetensors (timm's save_for_hf) and the rendered README.md."""
     save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
     card = render_model_card(model, repo_id, dataset, summary=summary, validation=validation,
-                             input_size=data_config['input_size'])
+                             input_size=data_config['input_size'], weights=weights)
     with open(os.path.join(folder, 'README.md'), 'w', encoding='utf-8') as f:
         f.write(card)
     # what users will do with it: the config must rebuild this model and load these weights
@@ -114,6 +146,39 @@ def write_hub_folder(model, folder: str, repo_id: str, dataset: str, data_config
     if reloaded.state_dict().keys() != expected.keys() or not all(
             torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items()):
         raise ValueError(f'the folder written for {repo_id} does not load back into the same model')
+
+
+def _weights_text(weights: dict) -> str:
+    epoch = 'an unrecorded epoch' if weights.get('epoch') is None else f"epoch {weights['epoch']}"
+    digest = weights.get('checkpoint_digest')
+    return (f"the {'EMA' if weights.get('use_ema') else 'plain'} weights of {epoch} of checkpoint "
+            f"{weights.get('checkpoint')!r} (checkpoint digest {digest[:23] + '...' if digest else 'none'}, "
+            f"weights digest {str(weights.get('weights_digest'))[:23]}...)")
+
+
+def check_results_of(validation: dict, results_file: str, weights: dict) -> None:
+    """Refuse validate.py results that were not measured on the weights being published.
+
+    ``weights``: what validate.py records of the weights it measured (see its ``measured_weights``), for the
+    weights being published. Results that record no weights digest (an older validate.py) cannot be
+    checked and are refused too: the card says they were measured on these weights.
+    """
+    if validation.get('use_ema', weights['use_ema']) != weights['use_ema']:
+        measured = 'EMA' if validation['use_ema'] else 'plain (non-EMA)'
+        raise ValueError(f'--results-file {results_file!r} was measured on the {measured} weights, but '
+                         f'{"--use-ema publishes the EMA" if weights["use_ema"] else "these are the plain"} weights; '
+                         f'validate them with{"" if weights["use_ema"] else "out"} --use-ema')
+    again = (f"run validate.py --checkpoint {weights['checkpoint']}{' --use-ema' if weights['use_ema'] else ''} "
+             f'--results-file {results_file} again')
+    if not validation.get('weights_digest'):
+        raise ValueError(f'--results-file {results_file!r} does not record which weights it measured (no '
+                         f'weights_digest: an older validate.py?); expected results of {_weights_text(weights)}: '
+                         f'{again}')
+    differ = [key for key in ('weights_digest', 'checkpoint_digest', 'epoch', 'use_ema')
+              if None not in (validation.get(key), weights.get(key)) and validation[key] != weights[key]]
+    if differ:
+        raise ValueError(f'--results-file {results_file!r} was measured on other weights ({", ".join(differ)} '
+                         f'differ): {_weights_text(validation)}; expected {_weights_text(weights)}: {again}')
 
 
 def connect(token: str) -> HfApi:
@@ -158,23 +223,21 @@ def main(argv=None) -> str:
     model = build_model(checkpoint, model_name, tag, args.use_ema, f'checkpoint {args.checkpoint!r}')
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), 'summary.csv')
     summary = read_summary(summary_path, ema=args.use_ema) if args.summary or os.path.isfile(summary_path) else None
+    # which weights these are, as validate.py records the weights it measured
+    weights = dict(checkpoint=args.checkpoint, checkpoint_digest=checkpoint.get(DIGEST_KEY),
+                   epoch=checkpoint.get('epoch'), use_ema=args.use_ema, weights_digest=content_digest(model.state_dict()))
     validation = read_validation(args.results_file) if args.results_file else None
-    if validation is not None and validation.get('use_ema', args.use_ema) != args.use_ema:
-        measured = 'EMA' if validation['use_ema'] else 'plain (non-EMA)'
-        raise ValueError(f'--results-file {args.results_file!r} was measured on the {measured} weights, but '
-                         f'{"--use-ema publishes the EMA" if args.use_ema else "these are the plain"} weights; '
-                         f'validate them with{"" if args.use_ema else "out"} --use-ema')
+    if validation is not None:
+        check_results_of(validation, args.results_file, weights)
     # the preprocessing the weights were trained with (training flags over the model's cfg)
     data_config = resolve_data_config(train_args, model=model)
 
     with tempfile.TemporaryDirectory() as folder:
-        write_hub_folder(model, folder, repo_id, dataset, data_config, summary, validation)
+        write_hub_folder(model, folder, repo_id, dataset, data_config, summary, validation, weights)
         if args.local_dir:
             os.makedirs(args.local_dir, exist_ok=True)
             for name in sorted(os.listdir(folder)):  # replace only the files written here, each atomically
-                target = os.path.join(args.local_dir, name)
-                shutil.copyfile(os.path.join(folder, name), target + '.tmp')
-                os.replace(target + '.tmp', target)
+                install_file(os.path.join(folder, name), args.local_dir, name)
             print(f'Wrote {sorted(os.listdir(folder))} to {args.local_dir}')
             return args.local_dir
         api = connect(token)

@@ -7,6 +7,7 @@ the model sees. Needs matplotlib: ``pip install 'timm-ait[analysis]'``.
     python tools/show_sort_of_clevr.py --split test --num-shown 8 --out sort_of_clevr.png
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -27,7 +28,17 @@ def parse_args(argv=None):
                         help="questions written under each image, half non-relational, half relational")
     parser.add_argument("--cols", type=int, default=4)
     parser.add_argument("--out", default="sort_of_clevr.png")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("cols", "num_shown"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.questions_per_image < 0:
+        parser.error(f"--questions-per-image must be >= 0, got {args.questions_per_image}")
+    if args.num_images is not None and args.num_images < 1:
+        parser.error(f"--num-images must be >= 1, got {args.num_images}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out!r}: expected a file in an existing folder")
+    return args
 
 
 def questions_to_show(dataset: SortOfClevr, image: int, count: int) -> np.ndarray:

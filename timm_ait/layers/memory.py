@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'mean_slot_cosine', 'memory_slot_similarity',
            'skipped_memory_writes']
@@ -28,13 +29,25 @@ def is_recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _training_process_group() -> Optional['dist.ProcessGroup']:
+    """The process group of the DistributedDataParallel whose forward is running, or None.
+
+    DDP marks the module whose forward it runs (``_active_ddp_module``, set in its ``_inside_ddp_forward``):
+    only then is the forward one step of the distributed training of one model. A model run on one rank
+    outside DDP (an analysis, a sweep, an ensemble) keeps its own memory and waits for no other rank.
+    """
+    ddp = getattr(DistributedDataParallel, '_active_ddp_module', None)
+    return None if ddp is None else ddp.process_group
+
+
 def _distributed_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over all ranks; identity outside torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Mean of ``x`` over the ranks of the DDP training this forward is part of; identity outside one."""
+    group = _training_process_group()
+    if group is None or dist.get_world_size(group) == 1:
         return x
     x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist.get_world_size()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x / dist.get_world_size(group)
 
 
 class ExplicitMemory(nn.Module):
@@ -107,9 +120,9 @@ class ExplicitMemory(nn.Module):
         """EWMA-write ``candidate`` (M_hat) over ``current`` (M) and store the result.
 
         Returns the new memory with its gradient to ``candidate``; the stored buffer is its
-        detached value. Under torch.distributed the new memory is averaged over ranks, so every
-        rank stores (and reads) the same memory even if the ranks started from different ones
-        (a per-rank reset, say); the gradient is the local one.
+        detached value. In a forward under DistributedDataParallel the new memory is averaged over
+        the ranks of its process group, so every rank stores (and reads) the same memory even if the
+        ranks started from different ones (a per-rank reset, say); the gradient is the local one.
 
         A write with any non-finite value (a NaN or inf input, an overflow) is skipped whole: the
         memory stays as it was and the step reads it unchanged. The check runs on the rank average,

@@ -5,6 +5,9 @@
 
 The model runs in eval mode: its memory is frozen and a sample's prediction does not depend on
 the rest of its batch, so any batch size gives the same result (the paper evaluates with 1).
+A checkpoint is evaluated on its run's data (dataset, folder, seed, split names, normalisation) unless
+the command line says otherwise, and the results record which weights they are of (checkpoint, its
+digest and epoch, EMA or not, the weights' digest), which push_to_hub.py checks.
 """
 import argparse
 import logging
@@ -16,6 +19,7 @@ import torch
 from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
+from ..checkpoint import DIGEST_KEY, content_digest
 from ..data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
 from ..data.sort_of_clevr import QUESTION_TYPES
 from ..run_model import LoadedRun, load_run_model
@@ -35,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     parser.add_argument('--dataset', '-d', default=None,
                         help=f"one of {list(DATASETS)} (default: the checkpoint's; needed without one)")
-    parser.add_argument('--data-dir', default=None)
-    parser.add_argument('--split', default='validation')
+    parser.add_argument('--data-dir', default=None,
+                        help="dataset root (default: the checkpoint's run's, when it is the run's dataset)")
+    parser.add_argument('--split', default=None,
+                        help="split to evaluate (default: the checkpoint's run's --val-split, else validation)")
     parser.add_argument('--train-split', default=None,
                         help="an image folder's training split, whose class folders number the classes "
                              "(default: the checkpoint's, else train)")
@@ -51,14 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--amp-dtype', default='bfloat16')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--results-file', default='', help='also write the JSON here')
+    parser.add_argument('--results-file', default='',
+                        help='also write the JSON here; it records which weights were measured (push_to_hub.py '
+                             'checks them)')
     return parser
 
 
 def load_model(args) -> LoadedRun:
     """The model to validate, through the one loader: a checkpoint's is rebuilt with the settings it was
     trained with (its training args); the command line may repeat them but not contradict them. The run's
-    dataset, seed and split names fill the flags the command line left unset."""
+    dataset, and on it the run's data folder, seed and split names, fill the flags the command line left unset."""
     loaded = load_run_model(args.checkpoint, model=args.model, model_kwargs=args.model_kwargs,
                             num_classes=args.num_classes, pretrained=args.pretrained, use_ema=args.use_ema)
     args.model = loaded.settings['model']
@@ -70,16 +78,31 @@ def load_model(args) -> LoadedRun:
         args.dataset = run['dataset']
     if args.dataset not in DATASETS:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    runs_dataset = run.get('dataset') == args.dataset
+    if args.data_dir is None and runs_dataset:
+        args.data_dir = run.get('data_dir')
     if args.seed is None:
-        args.seed = run.get('seed', 42) if run.get('dataset') == args.dataset else 42
+        args.seed = run.get('seed', 42) if runs_dataset else 42
+    if args.split is None:
+        args.split = (run.get('val_split') if runs_dataset else None) or 'validation'
     if args.train_split is None:
         args.train_split = run.get('train_split') or 'train'
     return loaded
 
 
+def measured_weights(loaded: LoadedRun, args) -> dict:
+    """Which weights a result is of, for the results file: the checkpoint (its path, digest and epoch), EMA or
+    not, and the digest of the weights themselves (push_to_hub.py refuses results of other weights)."""
+    checkpoint = loaded.checkpoint or {}
+    return dict(checkpoint=args.checkpoint or None, checkpoint_digest=checkpoint.get(DIGEST_KEY),
+                epoch=checkpoint.get('epoch'), use_ema=args.use_ema,
+                weights_digest=content_digest(loaded.model.state_dict()))
+
+
 def validate(args) -> dict:
     device = torch.device(args.device)
     loaded = load_model(args)
+    weights = measured_weights(loaded, args)
     model = loaded.model.to(device).eval()
     # the run's normalisation (--mean/--std/...), as its own evaluation used it
     data_config = resolve_data_config({**loaded.data_settings(), **vars(args)}, model=model)
@@ -105,8 +128,7 @@ def validate(args) -> dict:
     metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
                        getattr(dataset, 'is_relational', None), groups)
     results = dict(
-        model=args.model, checkpoint=args.checkpoint or None, use_ema=args.use_ema, pretrained=args.pretrained,
-        dataset=args.dataset,
+        model=args.model, **weights, pretrained=args.pretrained, dataset=args.dataset,
         split=args.split, num_samples=len(dataset),
         **({'seed': args.seed} if dataset_is_generated(args.dataset) else {}),
         **({'questions': args.sort_of_clevr_questions} if two_inputs else {}), batch_size=args.batch_size,
@@ -121,7 +143,12 @@ def main(argv=None) -> dict:
     setup_default_logging()
     args = build_parser().parse_args(argv)
     results = validate(args)
-    report_results(results, args.results_file)
+    try:
+        report_results(results, args.results_file)
+    except OSError as e:  # a write or close that fails (a full disk) does not name the file
+        if e.filename is not None or not args.results_file:
+            raise
+        raise OSError(e.errno, f'cannot write --results-file {args.results_file!r}: {e.strerror or e}') from e
     return results
 
 
@@ -132,3 +159,14 @@ def cli(argv=None) -> None:
     except (ValueError, TypeError, OSError) as e:  # OSError: missing files, a failed download
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not hub_download_failed(e):
+            raise
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def hub_download_failed(error: RuntimeError) -> bool:
+    """Whether ``error`` is the one-line explanation of a failed download of pretrained weights (--pretrained),
+    which timm_ait.hub raises from huggingface_hub's own error."""
+    return type(error.__cause__).__module__.split('.')[0] == 'huggingface_hub'
