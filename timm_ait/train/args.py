@@ -9,7 +9,7 @@ import yaml
 import timm
 from timm.utils import ParseKwargs
 
-from ..data.factory import DATASETS, FRESH_EACH_EPOCH
+from ..data.factory import DATASETS, FRESH_EACH_EPOCH, SPLITS, resolve_split
 from ..run_model import MODEL_SETTINGS, resolve_model_settings, run_args
 from .task import DEFAULT_BALANCE_LOSS_COEF
 
@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Dataset')
     group.add_argument('--dataset', '-d', default='triangle', metavar='NAME', help=f'one of {list(DATASETS)}')
     group.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root (cache folder for generated data)')
-    group.add_argument('--train-split', default='train')
-    group.add_argument('--val-split', default='validation')
+    group.add_argument('--train-split', default='train',
+                       help=f"one of {list(SPLITS)}, or an image folder's subfolder")
+    group.add_argument('--val-split', default='validation',
+                       help=f"one of {list(SPLITS)}, or an image folder's subfolder")
     group.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
     group.add_argument('--train-num-samples', type=int, default=None, help='size of the training set (generated) or its first N')
     group.add_argument('--fresh-train-data', action='store_true',
@@ -210,6 +212,11 @@ def check_args(args) -> None:
                          'a value (the dense ablation is bottleneck=none)')
     if args.dataset not in DATASETS:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    for key in ('train_split', 'val_split'):  # a misspelt split must not fall back to another one
+        try:
+            resolve_split(args.dataset, getattr(args, key), args.data_dir)
+        except (ValueError, OSError) as e:
+            raise type(e)(f'--{key.replace("_", "-")} {getattr(args, key)!r}: {e}') from None
     if args.fresh_train_data and args.dataset not in FRESH_EACH_EPOCH:
         raise ValueError(f'--fresh-train-data: a new training set each epoch is drawn for {list(FRESH_EACH_EPOCH)} '
                          f'only, not for --dataset {args.dataset!r}')

@@ -35,7 +35,7 @@ from timm.utils import (
 )
 
 from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoint, state_digest
-from ..data.factory import check_num_classes, create_ait_dataset, dataset_needs_no_aug
+from ..data.factory import check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split
 from ..layers import memory_slot_similarity, reset_memory as reset_model_memory, skipped_memory_writes
 from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
@@ -85,6 +85,11 @@ def build_loaders(args, model, device):
     data_config = resolve_data_config(vars(args), model=model, verbose=is_primary(args))
     common = dict(root=args.data_dir, download=args.dataset_download, seed=args.seed,
                   questions=args.sort_of_clevr_questions, progress=is_primary(args), train_split=args.train_split)
+    same = resolve_split(args.dataset, args.train_split, args.data_dir) == resolve_split(
+        args.dataset, args.val_split, args.data_dir)
+    if same and is_primary(args):
+        _logger.warning(f'--train-split {args.train_split!r} and --val-split {args.val_split!r} are the same split: '
+                        'the eval_* figures of this run are measured on training data')
     # generate (and cache) once, on the first rank, before the others read the cache
     if args.distributed and not is_primary(args):
         torch.distributed.barrier()

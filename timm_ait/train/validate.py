@@ -16,7 +16,7 @@ import torch
 from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
-from ..data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
+from ..data.factory import DATASETS, SPLITS, check_num_classes, create_ait_dataset, dataset_is_generated, resolve_split
 from ..data.sort_of_clevr import QUESTION_TYPES
 from ..run_model import LoadedRun, load_run_model
 from .evaluate import amp_context, evaluate, report_results
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--dataset', '-d', default=None,
                         help=f"one of {list(DATASETS)} (default: the checkpoint's; needed without one)")
     parser.add_argument('--data-dir', default=None)
-    parser.add_argument('--split', default='validation')
+    parser.add_argument('--split', default='validation', help=f"one of {list(SPLITS)}, or an image folder's subfolder")
     parser.add_argument('--train-split', default=None,
                         help="an image folder's training split, whose class folders number the classes "
                              "(default: the checkpoint's, else train)")
@@ -74,6 +74,10 @@ def load_model(args) -> LoadedRun:
         args.seed = run.get('seed', 42) if run.get('dataset') == args.dataset else 42
     if args.train_split is None:
         args.train_split = run.get('train_split') or 'train'
+    try:  # a misspelt split must not fall back to another one
+        resolve_split(args.dataset, args.split, args.data_dir)
+    except (ValueError, OSError) as e:
+        raise type(e)(f'--split {args.split!r}: {e}') from None
     return loaded
 
 
