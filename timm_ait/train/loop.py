@@ -41,7 +41,7 @@ from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
 from .evaluate import amp_context, evaluate, to_device
-from .run_dir import resolve_output_dir, trim_summary, write_args
+from .run_dir import RunDirClaim, check_output_dir, resolve_output_dir, trim_summary, write_args
 from .task import AiTClassificationTask
 
 __all__ = ['NonFiniteLossError', 'main', 'cli']
@@ -230,7 +230,39 @@ def main(argv=None):
             raise ValueError(f'--resume {args.resume!r} has finished epoch {resume_state.get("epoch")} of '
                              f'--epochs {args.epochs}: nothing is left to train; pass a larger --epochs to go on')
     device = init_distributed(args)
-    output_dir = resolve_output_dir(args, resume_state)
+    output_dir, claim = claim_output_dir(args, resume_state)
+    try:
+        return _train(args, given, resume_state, device, output_dir)
+    finally:
+        if claim is not None:  # the folder too, if the run was refused before writing anything there
+            claim.release(remove_empty=True)
+
+
+def claim_output_dir(args, resume_state):
+    """The run folder and the first rank's claim on it (see RunDirClaim); the other ranks learn the
+    folder, or why it is refused, from the first."""
+    claim = error = output_dir = None
+    if is_primary(args):
+        try:
+            output_dir = resolve_output_dir(args, resume_state)
+            claim = RunDirClaim(output_dir)
+            check_output_dir(output_dir, args, resume_state)  # again, now that no other run can write there
+        except OSError as e:
+            if claim is not None:
+                claim.release(remove_empty=True)
+            error = e
+    if args.distributed:
+        shared = [output_dir, None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        output_dir, message = shared
+        if error is None and message is not None:
+            error = FileExistsError(message)
+    if error is not None:
+        raise error
+    return output_dir, claim
+
+
+def _train(args, given, resume_state, device, output_dir):
     if args.distributed:
         _logger.info(f'Process {args.rank} of {args.world_size} on {device} (pid {os.getpid()}).')
     random_seed(args.seed, 0)  # the same initial weights and memory on every rank

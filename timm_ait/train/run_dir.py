@@ -1,8 +1,12 @@
-"""A run's folder: which folder, what it already holds, and the files written beside the checkpoints."""
+"""A run's folder: which folder, who holds it, what it already holds, and the files written beside the
+checkpoints."""
 import csv
+import errno
 import logging
 import os
 import re
+import secrets
+import socket
 from datetime import datetime
 
 import yaml
@@ -10,7 +14,8 @@ from timm.models import safe_model_name
 
 from ..checkpoint import checkpoint_epoch
 
-__all__ = ['CHECKPOINT_FILE', 'checkpoint_files', 'latest_epoch', 'resolve_output_dir', 'trim_summary', 'write_args']
+__all__ = ['CHECKPOINT_FILE', 'CLAIM_FILE', 'RunDirClaim', 'checkpoint_files', 'latest_epoch', 'new_run_name',
+           'resolve_output_dir', 'check_output_dir', 'trim_summary', 'write_args']
 
 _logger = logging.getLogger('train')
 
@@ -33,19 +38,34 @@ def latest_epoch(folder: str) -> int:
     return max(epochs, default=-1)
 
 
-def resolve_output_dir(args, resume_state=None) -> str:
-    """The run folder. A folder with checkpoints is only reused to resume its newest one.
+def new_run_name(*parts: str) -> str:
+    """A run folder name that starts with the time (to the second, so folders sort by start) and cannot
+    be another launch's of the same second: a random suffix follows the time."""
+    return '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), secrets.token_hex(3), *parts])
 
-    Another run, or a resume of an older checkpoint, would rewrite its checkpoints: that is refused.
-    A folder without a complete checkpoint (the first save was killed) holds nothing to resume, so
-    the run starts (again) there.
-    """
+
+def resolve_output_dir(args, resume_state=None) -> str:
+    """The run folder: ``--output/--experiment``, a resume's own folder, or a new name. Checked by
+    :func:`check_output_dir`."""
     if args.resume and not args.experiment:
         out = os.path.dirname(os.path.abspath(args.resume))
     else:
-        name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), args.dataset.replace('/', '_')])
-        out = os.path.join(args.output, name)
+        out = os.path.join(args.output, args.experiment or new_run_name(
+            safe_model_name(args.model), args.dataset.replace('/', '_')))
+    holder = RunDirClaim.holder(out)  # said before any work; RunDirClaim makes it exclusive
+    if holder is not None and not RunDirClaim.is_stale(holder):
+        raise FileExistsError(RunDirClaim.held_message(out, holder))
+    check_output_dir(out, args, resume_state)
+    return out
+
+
+def check_output_dir(out: str, args, resume_state=None) -> None:
+    """Refuse a run folder whose checkpoints this run would rewrite.
+
+    A folder with checkpoints is only reused to resume its newest one: another run, or a resume of
+    an older checkpoint, would rewrite them. A folder without a complete checkpoint (the first save
+    was killed) holds nothing to resume, so the run starts (again) there.
+    """
     existing = checkpoint_files(out)
     if not existing:
         return out
@@ -58,7 +78,114 @@ def resolve_output_dir(args, resume_state=None) -> str:
         raise FileExistsError(f'--resume {args.resume!r} is epoch {epoch}, but {out!r} holds checkpoints up to epoch '
                               f'{newest}: resuming it there would overwrite them; continue it in a new folder with '
                               '--experiment NAME')
-    return out
+
+
+# the file in a run folder that says which process writes there
+CLAIM_FILE = 'run.lock'
+
+
+class RunDirClaim:
+    """An exclusive claim of one process on a run folder, so that two launches never write into one.
+
+    The claim is the file ``run.lock`` in the folder, created with O_CREAT|O_EXCL (atomic, also on
+    network file systems) and holding the claimer's host and pid. :meth:`release` removes it; a claim
+    left by a process that died (kill -9, a power loss) on this host is taken over with a warning.
+    A claim from another host cannot be checked: it is refused, naming the holder and the file.
+    ``created``: whether the claim made the folder, so a run refused before any work can remove it.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, CLAIM_FILE)
+        self.created = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.token = f'{socket.gethostname()} {os.getpid()} {secrets.token_hex(4)}'
+        while not self._create():
+            holder = self.holder(folder)
+            if holder is None:
+                continue  # released between the two calls: try again
+            if not self.is_stale(holder):
+                raise FileExistsError(self.held_message(folder, holder))
+            self._take_over(holder)
+        self.held = True
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, 'w') as f:
+            f.write(self.token + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _take_over(self, stale: str) -> None:
+        # rename, not unlink: of two processes taking over one stale claim only one renames that file;
+        # a process that renamed a live claim instead (made between its read and its rename) puts it back
+        moved = f'{self.path}.stale-{os.getpid()}'
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return
+        with open(moved) as f:
+            found = f.read().strip()
+        if found != stale:
+            try:
+                os.link(moved, self.path)
+            except FileExistsError:  # a third process claimed it meanwhile: the next read sees that one
+                pass
+            finally:
+                os.unlink(moved)
+            return
+        os.unlink(moved)
+        host, pid = stale.split()[:2]
+        _logger.warning(f'{self.folder!r}: taking over the claim of pid {pid} on {host}, which no longer runs '
+                        f'(it was stopped without releasing {CLAIM_FILE})')
+
+    @staticmethod
+    def holder(folder: str):
+        """The claim on ``folder`` ('host pid token'), or None if there is none."""
+        try:
+            with open(os.path.join(folder, CLAIM_FILE)) as f:
+                return f.read().strip() or 'an unknown process'
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def is_stale(holder: str) -> bool:
+        """Whether the claim is left by a process of this host that no longer runs."""
+        parts = holder.split()
+        if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+            return False
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except OSError as e:  # EPERM: it runs, as another user
+            return e.errno != errno.EPERM
+        return False
+
+    @staticmethod
+    def held_message(folder: str, holder: str) -> str:
+        parts = holder.split()
+        who = f'pid {parts[1]} on host {parts[0]}' if len(parts) >= 2 else holder
+        return (f'run folder {folder!r} is in use by another run ({who}, see {os.path.join(folder, CLAIM_FILE)}); '
+                'choose another --experiment, or wait for that run to end (if it is gone, delete the file)')
+
+    def release(self, remove_empty: bool = False) -> None:
+        """Remove the claim (if it is still this process's); ``remove_empty``: also the folder, if the
+        claim created it and nothing else was written there (a run refused before any work)."""
+        if not getattr(self, 'held', False):
+            return
+        self.held = False
+        if self.holder(self.folder) == self.token:
+            os.unlink(self.path)
+        if remove_empty and self.created:
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass
 
 
 def trim_summary(path: str, start_epoch: int) -> None:
