@@ -95,3 +95,22 @@ def test_two_launches_in_one_second_get_two_folders(tmp_path, monkeypatch):
     assert first != second
     for name in (first, second):
         assert re.fullmatch(r'20300102-030405-[0-9a-f]{6}-ait_tiny_patch32_64-torch_cifar10', os.path.basename(name))
+
+
+def test_a_launch_that_loses_the_race_for_a_run_folder_is_refused(tmp_path, monkeypatch):
+    # the other launch claims the folder after this one has looked at it, before it claims it
+    other = []
+    resolve = loop.resolve_output_dir
+
+    def resolve_then_lose_the_race(args, resume_state=None):
+        out = resolve(args, resume_state)
+        other.append(RunDirClaim(out))
+        return out
+
+    monkeypatch.setattr(loop, 'resolve_output_dir', resolve_then_lose_the_race)
+    try:
+        with pytest.raises(FileExistsError, match='is in use by another run'):
+            loop.main([*TINY, '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path), '--experiment', 'x'])
+        assert os.listdir(tmp_path / 'x') == [CLAIM_FILE] and not (tmp_path / 'data').exists()
+    finally:
+        other[0].release()
