@@ -114,3 +114,65 @@ def test_a_launch_that_loses_the_race_for_a_run_folder_is_refused(tmp_path, monk
         assert os.listdir(tmp_path / 'x') == [CLAIM_FILE] and not (tmp_path / 'data').exists()
     finally:
         other[0].release()
+
+
+def summary_lines(path):
+    with open(path, newline='') as f:
+        return list(__import__('csv').reader(f))
+
+
+def epoch_row(epoch, ema=False):
+    row = {'epoch': epoch, 'train_loss': 0.5 + epoch, 'eval_loss': 0.25 + epoch, 'eval_top1': 50.0 + epoch}
+    if ema:
+        row.update(eval_ema_loss=0.125 + epoch, eval_ema_top1=60.0 + epoch)
+    return {**row, 'lr': 1e-3 / (epoch + 1)}
+
+
+def test_a_column_added_at_a_resume_keeps_every_value_under_its_name(tmp_path):
+    path = str(tmp_path / 'summary.csv')
+    for epoch in (0, 1):
+        run_dir.write_summary_row(path, epoch_row(epoch))
+    run_dir.trim_summary(path, 2)  # the resume, with --model-ema
+    run_dir.write_summary_row(path, epoch_row(2, ema=True))
+    lines = summary_lines(path)
+    assert lines[0] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_ema_loss', 'eval_ema_top1', 'lr']
+    assert all(len(line) == len(lines[0]) for line in lines)
+    rows = [dict(zip(lines[0], line)) for line in lines[1:]]
+    for epoch, row in enumerate(rows):
+        expected = {k: str(v) for k, v in epoch_row(epoch, ema=epoch == 2).items()}
+        assert row == {k: expected.get(k, '') for k in lines[0]}
+    # and the next interruption: the resume trims the file and goes on
+    run_dir.trim_summary(path, 2)
+    run_dir.write_summary_row(path, epoch_row(2, ema=True))
+    assert [r[0] for r in summary_lines(path)] == ['epoch', '0', '1', '2']
+
+
+@pytest.mark.parametrize('tail', [b'\0' * 4096, b'2,2.5,2.2', b'2,2.5,2.2' + b'\0' * 100])
+def test_a_damaged_tail_of_summary_csv_is_dropped_at_the_resume(tail, tmp_path, caplog):
+    path = tmp_path / 'summary.csv'
+    for epoch in (0, 1):
+        run_dir.write_summary_row(str(path), epoch_row(epoch))
+    good = path.read_bytes()
+    path.write_bytes(good + tail)  # what a power loss leaves
+    with caplog.at_level(logging.WARNING, logger='train'):
+        run_dir.trim_summary(str(path), 2)
+    assert path.read_bytes() == good
+    assert f'{path}: dropped ' in caplog.text and 'at its end (an interrupted write)' in caplog.text
+    run_dir.write_summary_row(str(path), epoch_row(2))
+    assert [r[0] for r in summary_lines(path)] == ['epoch', '0', '1', '2']
+
+
+@pytest.mark.parametrize('damage,message', [
+    (b'2,0.5,0.25,50.0,0.001,9,9,9\n', r"line 4 has 8 values under a header of 5 columns"),
+    (b'two,0.5,0.25,50.0,0.001\n', r"line 4: epoch 'two' is not a number"),
+    (b'\0\0\0' + b'2,0.5,0.25,50.0,0.001\n', r'zero bytes at byte \d+ with text after them'),
+])
+def test_damage_inside_summary_csv_is_refused_naming_the_file(damage, message, tmp_path):
+    path = tmp_path / 'summary.csv'
+    for epoch in (0, 1):
+        run_dir.write_summary_row(str(path), epoch_row(epoch))
+    path.write_bytes(path.read_bytes() + damage)
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + '.*' + message):
+        run_dir.trim_summary(str(path), 3)
+    with pytest.raises(ValueError, match=message):
+        run_dir.write_summary_row(str(path), epoch_row(3))

@@ -31,7 +31,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, ModelEmaV3, NativeScaler, dispatch_clip_grad, is_primary, random_seed, reduce_tensor,
-    setup_default_logging, update_summary,
+    setup_default_logging,
 )
 
 from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoint, state_digest
@@ -41,7 +41,7 @@ from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
 from .evaluate import amp_context, evaluate, to_device
-from .run_dir import RunDirClaim, check_output_dir, resolve_output_dir, trim_summary, write_args
+from .run_dir import RunDirClaim, check_output_dir, resolve_output_dir, trim_summary, write_args, write_summary_row
 from .task import AiTClassificationTask
 
 __all__ = ['NonFiniteLossError', 'main', 'cli']
@@ -358,8 +358,10 @@ def _train(args, given, resume_state, device, output_dir):
             if slot_similarity is not None:
                 _logger.info(f'Memory: mean cosine between slots {slot_similarity:.4f}')
             _logger.info('Eval: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           lr=optimizer.param_groups[0]['lr'])
+            # timm's update_summary columns, written so that a column added at a resume keeps the others
+            write_summary_row(os.path.join(output_dir, 'summary.csv'), {
+                'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+                **{f'eval_{k}': v for k, v in eval_metrics.items()}, 'lr': optimizer.param_groups[0]['lr']})
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
             _logger.info(f'Best {args.eval_metric} so far: {best_metric:.4f} (epoch {best_epoch})')
     if args.distributed:

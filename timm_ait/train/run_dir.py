@@ -15,7 +15,8 @@ from timm.models import safe_model_name
 from ..checkpoint import checkpoint_epoch
 
 __all__ = ['CHECKPOINT_FILE', 'CLAIM_FILE', 'RunDirClaim', 'checkpoint_files', 'latest_epoch', 'new_run_name',
-           'resolve_output_dir', 'check_output_dir', 'trim_summary', 'write_args']
+           'resolve_output_dir', 'check_output_dir', 'read_summary', 'trim_summary', 'write_summary_row',
+           'write_args']
 
 _logger = logging.getLogger('train')
 
@@ -188,25 +189,113 @@ class RunDirClaim:
                 pass
 
 
-def trim_summary(path: str, start_epoch: int) -> None:
-    """Drop the summary rows of epochs from ``start_epoch`` on: no checkpoint holds their work (a run
-    killed between its summary row and its checkpoint), and the run is about to redo them."""
+def read_summary(path: str):
+    """The header and the rows (dicts) of a run's summary.csv, its damaged tail dropped.
+
+    What a power loss or a full disk leaves at the end of the file, zero bytes or a last line cut
+    short, is dropped with a warning (the rows before it are kept; the epoch of a dropped row is
+    trained again, as no checkpoint was written after it). Damage anywhere else (a row with more or
+    fewer values than the header, an epoch that is not a number) is refused naming the file and
+    the line. Returns ``(header, rows, dropped)``: header None for a missing or empty file;
+    ``dropped`` what was cut from the tail ('' if nothing).
+    """
     if not os.path.isfile(path):
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    keep = [row for row in rows if int(row['epoch']) < start_epoch]
-    if len(keep) == len(rows):
-        return
-    _logger.warning(f'{path}: dropping the rows of epochs {[r["epoch"] for r in rows if r not in keep]}, which no '
-                    'checkpoint holds (an interrupted run); they are trained again')
+        return None, [], ''
+    with open(path, 'rb') as f:
+        data = f.read()
+    dropped = []
+    if b'\0' in data:
+        cut = data.index(b'\0')
+        if data[cut:].strip(b'\0'):
+            raise ValueError(f'{path!r} is damaged: zero bytes at byte {cut} with text after them; expected a CSV '
+                             'file of one row per epoch (fix or move it to resume)')
+        dropped.append(f'{len(data) - cut} zero bytes')
+        data = data[:cut]
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path!r} is damaged: not UTF-8 text ({e}); expected a CSV file of one row per epoch '
+                         '(fix or move it to resume)') from None
+    if text and not text.endswith('\n'):  # the last row was cut short
+        text, _, partial = text.rpartition('\n')
+        text = text + '\n' if text else ''
+        dropped.append(f'the incomplete last line {partial[:60]!r}')
+    lines = list(csv.reader(text.splitlines()))
+    if not lines:
+        return None, [], ', '.join(dropped)
+    header, rows = lines[0], []
+    if 'epoch' not in header:
+        raise ValueError(f'{path!r} is not a training summary: its header {header[:6]} has no epoch column')
+    for number, values in enumerate(lines[1:], start=2):
+        if len(values) != len(header):
+            raise ValueError(f'{path!r} line {number} has {len(values)} values under a header of {len(header)} '
+                             'columns; expected one value per column (fix or move the file to resume)')
+        row = dict(zip(header, values))
+        if not row['epoch'].isdigit():
+            raise ValueError(f'{path!r} line {number}: epoch {row["epoch"]!r} is not a number')
+        rows.append(row)
+    if dropped:
+        _logger.warning(f'{path}: dropped {" and ".join(dropped)} at its end (an interrupted write); the rows '
+                        f'before are kept')
+    return header, rows, ', '.join(dropped)
+
+
+def _write_summary(path: str, header: list, rows: list) -> None:
+    """summary.csv rewritten whole, atomically (a complete old file or a complete new one)."""
     tmp = path + '.tmp'
     with open(tmp, 'w', newline='') as f:
-        if keep:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(keep)
+        writer = csv.DictWriter(f, fieldnames=header, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _merged_columns(header: list, keys: list) -> list:
+    """``header`` with the new ``keys`` each inserted after the key that precedes it in ``keys`` (so
+    eval_ema_* columns added at a resume land after eval_*, as in a run that had them from the start)."""
+    merged = list(header)
+    for i, key in enumerate(keys):
+        if key not in merged:
+            merged.insert(merged.index(keys[i - 1]) + 1 if i else 0, key)
+    return merged
+
+
+def write_summary_row(path: str, row: dict) -> None:
+    """Add one epoch's row to summary.csv, keeping every row under its own column names.
+
+    A row with columns the file does not have (--model-ema added at a resume adds eval_ema_*) has the
+    file rewritten with the union of the columns, the older rows empty under the new ones; a damaged
+    tail is dropped first (:func:`read_summary`). The row is on disk (fsync) before the epoch's
+    checkpoint is written, so a crash cannot leave a checkpoint without its row.
+    """
+    header, rows, dropped = read_summary(path)
+    keys = list(row)
+    if header is not None and not dropped and set(keys) <= set(header):
+        with open(path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=header, restval='').writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    header = keys if header is None else _merged_columns(header, keys)
+    _write_summary(path, header, [*rows, row])
+
+
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the summary rows of epochs from ``start_epoch`` on: no checkpoint holds their work (a run
+    killed between its summary row and its checkpoint), and the run is about to redo them. A damaged
+    tail is dropped too (see :func:`read_summary`)."""
+    header, rows, dropped = read_summary(path)
+    if header is None:
+        return
+    keep = [row for row in rows if int(row['epoch']) < start_epoch]
+    if len(keep) == len(rows) and not dropped:
+        return
+    if len(keep) < len(rows):
+        _logger.warning(f'{path}: dropping the rows of epochs {[r["epoch"] for r in rows if r not in keep]}, which '
+                        'no checkpoint holds (an interrupted run); they are trained again')
+    _write_summary(path, header, keep)
 
 
 def write_args(args, output_dir: str) -> None:
