@@ -147,8 +147,12 @@ def test_a_column_added_at_a_resume_keeps_every_value_under_its_name(tmp_path):
     assert [r[0] for r in summary_lines(path)] == ['epoch', '0', '1', '2']
 
 
-@pytest.mark.parametrize('tail', [b'\0' * 4096, b'2,2.5,2.2', b'2,2.5,2.2' + b'\0' * 100])
-def test_a_damaged_tail_of_summary_csv_is_dropped_at_the_resume(tail, tmp_path, caplog):
+@pytest.mark.parametrize('tail,said', [
+    (b'\0' * 4096, '4096 zero bytes'),
+    (b'2,2.5,2.2', "the incomplete last line '2,2.5,2.2'"),
+    (b'2,2.5,2.2' + b'\0' * 100, "100 zero bytes and the incomplete last line '2,2.5,2.2'"),
+])
+def test_a_damaged_tail_of_summary_csv_is_dropped_at_the_resume(tail, said, tmp_path, caplog):
     path = tmp_path / 'summary.csv'
     for epoch in (0, 1):
         run_dir.write_summary_row(str(path), epoch_row(epoch))
@@ -157,7 +161,7 @@ def test_a_damaged_tail_of_summary_csv_is_dropped_at_the_resume(tail, tmp_path, 
     with caplog.at_level(logging.WARNING, logger='train'):
         run_dir.trim_summary(str(path), 2)
     assert path.read_bytes() == good
-    assert f'{path}: dropped ' in caplog.text and 'at its end (an interrupted write)' in caplog.text
+    assert f'{path}: dropped {said} at its end (an interrupted write)' in caplog.text
     run_dir.write_summary_row(str(path), epoch_row(2))
     assert [r[0] for r in summary_lines(path)] == ['epoch', '0', '1', '2']
 
