@@ -85,6 +85,8 @@ def test_a_save_killed_at_any_step_loses_neither_last_nor_the_best_epoch(tmp_pat
         last = read_checkpoint(str(folder / 'last.pth.tar'))
         resumed = last['epoch']
         assert resumed in (1, 2), at
+        if resumed == 2:  # epoch 2 is done and the best: its weights are in model_best, not in last only
+            assert epoch_of(folder / 'model_best.pth.tar') == 2, at
         # no checkpoint is newer than it, so the resume may write there (train.py refuses otherwise)
         assert latest_epoch(str(folder)) == resumed, at
         # once the resume has loaded the saver state, the best epoch is in model_best.pth.tar: epoch 2
@@ -104,4 +106,13 @@ def test_an_uninterrupted_run_keeps_timms_files(tmp_path):
     run_epochs(tmp_path, range(4))
     assert sorted(os.listdir(tmp_path)) == ['checkpoint-2.pth.tar', 'checkpoint-3.pth.tar', 'last.pth.tar',
                                             'model_best.pth.tar']
+    assert epoch_of(tmp_path / 'model_best.pth.tar') == 2
+
+
+def test_a_resume_repairs_the_best_file_a_kill_in_timms_order_left_older(tmp_path):
+    state = run_epochs(tmp_path, [0, 1, 2])
+    # timm's order writes model_best last: a kill just before leaves the previous best there
+    (tmp_path / 'model_best.pth.tar').unlink()
+    (tmp_path / 'model_best.pth.tar').write_bytes((tmp_path / 'checkpoint-1.pth.tar').read_bytes())
+    save_epoch(tmp_path, 2, state)
     assert epoch_of(tmp_path / 'model_best.pth.tar') == 2

@@ -256,12 +256,18 @@ class DigestCheckpointSaver(CheckpointSaver):
             self._track_checkpoint(save_path, epoch, metric)
 
     def load_state_dict(self, state_dict):
-        """timm's, and the end of a save that a kill cut after last.pth.tar was in place: the state
-        was captured before its ranking (``pending``), so if last.pth.tar is that epoch and its
-        checkpoint-N is missing, the ranking (and the best file) is done now from last.pth.tar."""
+        """timm's, and the end of a save that a kill cut: the state was captured before the save's
+        ranking (``pending``), so if last.pth.tar is that epoch and its checkpoint-N is missing, the
+        ranking is done now from last.pth.tar; and model_best.pth.tar is made the best epoch's if it
+        is not (a save killed in timm's order, before it was written)."""
         super().load_state_dict(state_dict)
+        last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
         epoch, metric = state_dict.get('pending', (None, None))
-        if epoch is None or os.path.exists(self._checkpoint_path(epoch)):
-            return
-        if checkpoint_epoch(os.path.join(self.checkpoint_dir, 'last' + self.extension)) == epoch:
+        if epoch is not None and not os.path.exists(self._checkpoint_path(epoch)) and checkpoint_epoch(last) == epoch:
             self._rank(epoch, metric)
+        best = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
+        if self.best_epoch is not None and checkpoint_epoch(best) != self.best_epoch:
+            for source in (self._checkpoint_path(self.best_epoch), last):
+                if checkpoint_epoch(source) == self.best_epoch:
+                    self._duplicate(source, best)
+                    break
