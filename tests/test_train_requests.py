@@ -49,3 +49,27 @@ def test_training_and_validating_on_one_split_is_said(val_split, warned, tmp_pat
     said = [r.getMessage() for r in caplog.records if 'are the same split' in r.getMessage()]
     assert said == ([f"--train-split 'train' and --val-split '{val_split}' are the same split: the eval_* figures of "
                      'this run are measured on training data'] if warned else [])
+
+
+QA_SMALL = ['--model-kwargs', 'patch_size=15', 'embed_dim=32', 'depth=1', 'num_heads=2', 'num_slots=4', 'slot_dim=8',
+            'gwl_heads=2', 'bottleneck=8']
+
+
+@pytest.mark.parametrize('model,dataset,message', [
+    ('ait_small_patch5_75', 'triangle',
+     "model 'ait_small_patch5_75' takes images and questions (forward(images, questions), question_dim=11), but "
+     "dataset 'triangle' gives images only; expected a question-answering dataset (sort-of-clevr) for it"),
+    ('ait_tiny_patch32_64', 'sort-of-clevr',
+     "model 'ait_tiny_patch32_64' takes images only (forward(images)), but dataset 'sort-of-clevr' gives images "
+     'with questions; expected a question-answering model for it'),
+])
+def test_a_model_that_does_not_take_the_datasets_inputs_is_refused_before_any_work(model, dataset, message, tmp_path):
+    kwargs = QA_SMALL if model == 'ait_small_patch5_75' else []
+    common = ['--model', model, '--dataset', dataset, '--data-dir', str(tmp_path / 'data')]
+    # before: a TypeError deep in the first forward ("forward() missing ... 'questions'"), after the data was made
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.main([*TINY, *common, *kwargs, '--output', str(tmp_path), '--experiment', 'x'])
+    assert nothing_written(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate.main([*common, *kwargs, '--num-samples', '8', '-j', '0'])
+    assert nothing_written(tmp_path)

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset, Subset
 
 __all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'SPLITS', 'create_ait_dataset', 'resolve_split', 'is_train_split',
            'dataset_needs_no_aug', 'dataset_is_generated', 'dataset_num_classes', 'check_num_classes',
-           'folder_class_map', 'random_subset']
+           'folder_class_map', 'random_subset', 'QUESTION_ANSWERING', 'check_model_inputs']
 
 # name -> what it is; generated datasets need no data directory
 DATASETS = {
@@ -23,6 +23,8 @@ DATASETS = {
 # subfolders), and which split it means: the training split or the held-out one (a generated
 # dataset's test stream, CIFAR's test batch, Oxford Pet's test list)
 SPLITS = {'train': 'train', 'training': 'train', 'test': 'test', 'validation': 'test', 'val': 'test'}
+# datasets of (image, question) items answered by a question-answering model, forward(images, questions)
+QUESTION_ANSWERING = ('sort-of-clevr',)
 # made by this package from a seed, so no data directory is needed
 _GENERATED = ('triangle', 'sort-of-clevr')
 # generated data whose labels a crop or a flip would change (a clipped cluster, 'is it on the left')
@@ -87,6 +89,21 @@ def check_num_classes(model, dataset: Dataset, name: str) -> None:
     if classes is not None and outputs is not None and outputs != classes:
         raise ValueError(f'dataset {name!r} has {classes} classes but the model has {outputs} outputs '
                          f'(num_classes={outputs}); pass --num-classes {classes}')
+
+
+def check_model_inputs(model, model_name: str, name: str) -> None:
+    """A clear error, before any work, when ``model`` does not take what dataset ``name`` gives: a
+    question-answering model (one with ``question_dim``) needs questions with its images, a
+    classifier takes images only."""
+    question_dim = getattr(model, 'question_dim', None)
+    if question_dim is not None and name not in QUESTION_ANSWERING:
+        raise ValueError(f'model {model_name!r} takes images and questions (forward(images, questions), question_dim='
+                         f'{question_dim}), but dataset {name!r} gives images only; expected a question-answering '
+                         f'dataset ({", ".join(QUESTION_ANSWERING)}) for it, or an image classifier for {name!r}')
+    if question_dim is None and name in QUESTION_ANSWERING:
+        raise ValueError(f'model {model_name!r} takes images only (forward(images)), but dataset {name!r} gives images '
+                         'with questions; expected a question-answering model for it (one with question_dim, e.g. '
+                         'ait_small_patch5_75)')
 
 
 def _check_name(name: str) -> None:

@@ -35,7 +35,9 @@ from timm.utils import (
 )
 
 from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoint, state_digest
-from ..data.factory import check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split
+from ..data.factory import (
+    QUESTION_ANSWERING, check_model_inputs, check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split,
+)
 from ..layers import memory_slot_similarity, reset_memory as reset_model_memory, skipped_memory_writes
 from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
@@ -101,7 +103,7 @@ def build_loaders(args, model, device):
         torch.distributed.barrier()
     check_num_classes(model, train_set, args.dataset)
 
-    two_inputs = args.dataset == 'sort-of-clevr'
+    two_inputs = args.dataset in QUESTION_ANSWERING
     use_prefetcher = device.type == 'cuda' and not two_inputs
     mixup_fn = collate_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -267,6 +269,7 @@ def _train(args, given, resume_state, device, output_dir):
         _logger.info(f'Process {args.rank} of {args.world_size} on {device} (pid {os.getpid()}).')
     random_seed(args.seed, 0)  # the same initial weights and memory on every rank
     model = create_task_model(args, device, resume_state, given)  # a mismatched file fails here, before any work
+    check_model_inputs(model, args.model, args.dataset)
     random_seed(args.seed, args.rank)
     if is_primary(args):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')

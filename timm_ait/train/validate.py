@@ -16,7 +16,10 @@ import torch
 from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
-from ..data.factory import DATASETS, SPLITS, check_num_classes, create_ait_dataset, dataset_is_generated, resolve_split
+from ..data.factory import (
+    DATASETS, QUESTION_ANSWERING, SPLITS, check_model_inputs, check_num_classes, create_ait_dataset, dataset_is_generated,
+    resolve_split,
+)
 from ..data.sort_of_clevr import QUESTION_TYPES
 from ..run_model import LoadedRun, load_run_model
 from .evaluate import amp_context, evaluate, report_results
@@ -78,6 +81,7 @@ def load_model(args) -> LoadedRun:
         resolve_split(args.dataset, args.split, args.data_dir)
     except (ValueError, OSError) as e:
         raise type(e)(f'--split {args.split!r}: {e}') from None
+    check_model_inputs(loaded.model, args.model, args.dataset)
     return loaded
 
 
@@ -95,7 +99,7 @@ def validate(args) -> dict:
                                  num_samples=args.num_samples, seed=args.seed,
                                  questions=args.sort_of_clevr_questions, train_split=args.train_split)
     check_num_classes(model, dataset, args.dataset)
-    two_inputs = args.dataset == 'sort-of-clevr'
+    two_inputs = args.dataset in QUESTION_ANSWERING
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
