@@ -65,7 +65,9 @@ QA_SMALL = ['--model-kwargs', 'patch_size=15', 'embed_dim=32', 'depth=1', 'num_h
 ])
 def test_a_model_that_does_not_take_the_datasets_inputs_is_refused_before_any_work(model, dataset, message, tmp_path):
     kwargs = QA_SMALL if model == 'ait_small_patch5_75' else []
-    common = ['--model', model, '--dataset', dataset, '--data-dir', str(tmp_path / 'data')]
+    # as many outputs as the dataset has classes: the inputs are what does not fit
+    classes = '2' if dataset == 'triangle' else '10'
+    common = ['--model', model, '--dataset', dataset, '--num-classes', classes, '--data-dir', str(tmp_path / 'data')]
     # before: a TypeError deep in the first forward ("forward() missing ... 'questions'"), after the data was made
     with pytest.raises(ValueError, match=re.escape(message)):
         loop.main([*TINY, *common, *kwargs, '--output', str(tmp_path), '--experiment', 'x'])
