@@ -303,7 +303,8 @@ def _train(args, given, resume_state, device, output_dir):
                                  broadcast_buffers=False)
 
     updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=False),
+    decreasing = args.eval_metric.endswith('loss')  # a lower loss is better; accuracies rise
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                 updates_per_epoch=updates_per_epoch)
     if start_epoch > 0:
         scheduler.step(start_epoch) if not args.sched_on_updates else scheduler.step_update(start_epoch * updates_per_epoch)
@@ -316,7 +317,7 @@ def _train(args, given, resume_state, device, output_dir):
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
         saver = DigestCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                       amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+                                      decreasing=decreasing, max_history=args.checkpoint_hist)
         if resume_state is not None and 'saver' in resume_state and os.path.dirname(
                 os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict(resume_state['saver'])
