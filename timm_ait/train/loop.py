@@ -43,6 +43,7 @@ from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
 from .evaluate import amp_context, evaluate, to_device
+from .guard import FiniteUpdates, StepMeters
 from .run_dir import RunDirClaim, check_output_dir, resolve_output_dir, trim_summary, write_args, write_summary_row
 from .task import AiTClassificationTask
 
@@ -139,15 +140,42 @@ def build_loaders(args, model, device):
     return train_loader, val_loader, mixup_fn, relational
 
 
+def _any_rank(flag: torch.Tensor) -> None:
+    """``flag`` (a bool tensor) set on every rank where it is set on any (in place, on the device)."""
+    as_int = flag.to(torch.int32)
+    torch.distributed.all_reduce(as_int, op=torch.distributed.ReduceOp.MAX)
+    flag.copy_(as_int > 0)
+
+
+def _diverged(first: list, epoch: int, num_batches: int) -> NonFiniteLossError:
+    batch, loss, task_loss, balance, _ = first
+    where = f'at epoch {epoch}, batch {int(batch)}/{num_batches}'
+    what = (f'the training loss is {loss} {where} (task loss {task_loss}, balance loss {balance})'
+            if not math.isfinite(loss) else f'the gradients are not finite {where} (loss {loss})')
+    return NonFiniteLossError(f'{what}: training diverged (a learning rate too high? non-finite input?); its update '
+                              'was skipped, and the run stops with the checkpoints of the last finished epoch as they '
+                              'were')
+
+
 def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, autocast, loss_scaler,
                     model_ema, mixup_fn):
+    """One epoch of training steps that never wait for the device between log intervals.
+
+    A step whose loss or gradients are not finite is skipped on the device (``FiniteUpdates``); the
+    skips and the summed losses are read at the log interval and at the last step, one transfer each
+    time, and the first skip stops the run there (a NonFiniteLossError), before anything is saved.
+    """
     task.train()
     model = task.trainable_module
     accum = args.grad_accum_steps
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
-    meters = {k: AverageMeter() for k in ('loss', 'task_loss', 'balance_loss', 'aux_loss')}
+    meters = StepMeters(('loss', 'task_loss', 'balance_loss', 'aux_loss'), device)
+    # a GradScaler skips its own overflowed gradients (those of a finite loss are no divergence)
+    updates = FiniteUpdates(optimizer, device, check_grads=loss_scaler is None,
+                            reduce=_any_rank if args.distributed else None)
+    reduce = (lambda t: reduce_tensor(t, args.world_size)) if args.distributed else None
     batch_time = AverageMeter()
     end = time.time()
     optimizer.zero_grad()
@@ -161,28 +189,25 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
         with (task.no_sync() if not sync else torch.enable_grad()):
             with autocast():
                 result = task(input, target)
-            # before the step: a non-finite loss must not reach the weights. Averaged over ranks, so
-            # every rank sees the NaN of any and all stop together
-            values = torch.stack([result[k].detach().float() for k in meters])
-            if args.distributed:
-                values = reduce_tensor(values, args.world_size)
-            values = dict(zip(meters, values.tolist()))  # one device sync a step, not one a value
-            if not math.isfinite(values['loss']):
-                raise NonFiniteLossError(
-                    f'the training loss is {values["loss"]} at epoch {epoch}, batch {batch_idx + 1}/{num_batches} '
-                    f'(task loss {values["task_loss"]}, balance loss {values["balance_loss"]}): training diverged '
-                    '(a learning rate too high? non-finite input?); stopping with the checkpoints of the last '
-                    'finished epoch as they were')
+            values = torch.stack([result[k].detach().float() for k in meters.names])
+            updates.observe(values, batch_idx)
             loss = result['loss'] / accum
             if loss_scaler is not None:
-                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=need_update)
+                if need_update:
+                    updates.step(lambda: loss_scaler(loss, optimizer, clip_grad=args.clip_grad,
+                                                     clip_mode=args.clip_mode, parameters=model.parameters(),
+                                                     need_update=True), batch_idx, values)
+                else:
+                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model.parameters(), need_update=False)
             else:
                 loss.backward()
                 if need_update:
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+                    def step():
+                        if args.clip_grad is not None:
+                            dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+                    updates.step(step, batch_idx, values)
         if need_update:
             optimizer.zero_grad()
             num_updates += 1
@@ -192,18 +217,21 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
                 model_ema.update(model, step=num_updates)
 
         n = target.shape[0]
-        for k, meter in meters.items():
-            meter.update(values[k], n)
+        meters.update(values, n)
         batch_time.update(time.time() - end)
         end = time.time()
-        if is_primary(args) and (batch_idx % args.log_interval == 0 or last):
-            lr = optimizer.param_groups[0]['lr']
-            _logger.info(
-                f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
-                f'loss {meters["loss"].val:.4f} ({meters["loss"].avg:.4f})  '
-                f'balance {meters["balance_loss"].val:.4f}  aux {meters["aux_loss"].val:.4g}  lr {lr:.3e}  '
-                f'{n * args.world_size / batch_time.val:.1f} img/s')
-    return OrderedDict((k, m.avg) for k, m in meters.items())
+        if batch_idx % args.log_interval == 0 or last:  # every rank reads (and stops) at the same steps
+            now, avg, (skipped, first) = meters.read(updates.skipped, updates.first, reduce=reduce)
+            if skipped[0]:
+                raise _diverged(first, epoch, num_batches)
+            if is_primary(args):
+                lr = optimizer.param_groups[0]['lr']
+                _logger.info(
+                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
+                    f'loss {now["loss"]:.4f} ({avg["loss"]:.4f})  '
+                    f'balance {now["balance_loss"]:.4f}  aux {now["aux_loss"]:.4g}  lr {lr:.3e}  '
+                    f'{n * args.world_size / batch_time.val:.1f} img/s')
+    return OrderedDict(avg)
 
 
 def check_finite(model, what: str) -> None:
