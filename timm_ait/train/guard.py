@@ -18,15 +18,18 @@ class FiniteUpdates:
     """The optimizer's updates, each made only if the losses since the previous one and the gradients
     are finite.
 
-    ``observe(values, batch)`` once per forward (``values[0]``: the loss), then ``step(fn, batch)`` for
-    the update: ``fn`` runs the optimizer step (clipping, a GradScaler, ...). ``reduce``: a function
-    that makes the skip decision the same on every rank (a MAX all-reduce of a flag) under
+    ``observe(values, batch)`` once per forward (``values[0]``: the loss), then ``step(fn, batch,
+    values)`` for the update: ``fn`` runs the optimizer step (clipping, a GradScaler, ...). ``reduce``:
+    a function that makes the skip decision the same on every rank (in place, on the device) under
     distributed training. ``check_grads=False`` leaves the gradients to a GradScaler, which skips
     overflowed ones itself (a scaled fp16 gradient overflows without the training diverging).
 
-    The state restored is every tensor of the optimizer's state on the parameters' devices. A state
-    tensor kept on the host (Adam's step count, unless ``capturable``) is left as the step made it:
-    restoring it would need a read of the device's decision, and the loop stops at its next read.
+    How a step is skipped without a host read: the parameters are copied before it; a non-finite step
+    has its gradients zeroed (so it computes finite values), and after it every parameter is
+    ``lerp``-ed to its copy with weight 1 (skip) or 0 (keep), exact both ways (but for a -0.0 weight,
+    which may come back +0.0): no value of a non-finite step reaches the weights. The optimizer's state is not put back (a third of the
+    cost): a skipped step leaves it as a step on zero gradients does (Adam's moments decayed once),
+    and the loop stops at its next read, so the state is never used again.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, check_grads: bool = True,
@@ -38,6 +41,7 @@ class FiniteUpdates:
         self._bad = torch.zeros((), dtype=torch.bool, device=device)
         # the first skipped step: [batch number (1-based, 0: none yet), loss, task loss, balance, aux]
         self.first = torch.zeros(5, dtype=torch.float64, device=device)
+        self._params_seen, self._saved = [], []
 
     def _params(self) -> list:
         return [p for group in self.optimizer.param_groups for p in group['params']]
@@ -53,28 +57,34 @@ class FiniteUpdates:
         self._bad |= bad
         self._record(bad, batch, values)
 
+    def _copies(self, params: list) -> list:
+        """Buffers for the parameters' values before a step (kept while the parameters are the same)."""
+        if len(params) != len(self._params_seen) or any(a is not b for a, b in zip(params, self._params_seen)):
+            self._params_seen, self._saved = params, [p.detach().clone() for p in params]
+        return self._saved
+
     def step(self, step_fn: Callable[[], None], batch: int, values: torch.Tensor) -> None:
         """Run ``step_fn`` (the optimizer update) and undo it if it was not finite."""
         params = self._params()
-        if self.check_grads:
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                norms = torch.stack(torch._foreach_norm(grads, float('inf')))
-                grads_bad = ~torch.isfinite(norms).all()
-                self._record(grads_bad & ~self._bad, batch, values)
-                self._bad |= grads_bad
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.check_grads and grads:
+            grads_bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            self._record(grads_bad & ~self._bad, batch, values)
+            self._bad |= grads_bad
         if self.reduce is not None:
             self.reduce(self._bad)
-        device = self._bad.device
-        tensors = params + [v for p in params for v in self.optimizer.state.get(p, {}).values()
-                            if isinstance(v, torch.Tensor) and v.device == device]
-        saved = [t.detach().clone() for t in tensors]
-        step_fn()
-        # state the step created (its first) has nothing to go back to; it is reset with the rest
-        # when the run stops at the next read
+        skip = self._bad.to(torch.float32)
+        if self.check_grads and grads:  # a skipped step computes on zeros, not on NaN or inf
+            for g in grads:
+                torch.nan_to_num_(g, 0.0, 0.0, 0.0)
+            torch._foreach_mul_(grads, 1.0 - skip)
+        saved = self._copies(params)
         with torch.no_grad():
-            for t, before in zip(tensors, saved):
-                t.copy_(torch.where(self._bad, before, t))
+            torch._foreach_copy_(saved, params)
+        step_fn()
+        with torch.no_grad():
+            weights = {dtype: skip.to(dtype) for dtype in {p.dtype for p in params}}
+            torch._foreach_lerp_(params, saved, [weights[p.dtype] for p in params])
         self.skipped += self._bad
         self._bad.zero_()
 
