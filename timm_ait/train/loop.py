@@ -14,8 +14,10 @@ resume checks. Every random draw of an epoch (data order, augmentation, dropout)
 run's settings from its checkpoint; the command line may change how the run continues (--epochs,
 the data folder, logging, ...) but not the model or the resumed optimizer's settings.
 
-The run stops, leaving its checkpoints as they are, at the first non-finite training loss; a
-distributed run stops when a rank does not answer for --dist-timeout seconds.
+A training step does not wait for the device between log intervals: a step whose loss or gradients
+are not finite has its update skipped on the device (timm_ait.train.guard), and the run stops at the
+next log interval, leaving its checkpoints as they are. One process at a time writes into a run
+folder (its run.lock). A distributed run stops when a rank does not answer for --dist-timeout seconds.
 """
 import logging
 import math
