@@ -20,8 +20,9 @@ def nothing_written(tmp_path):
 @pytest.mark.parametrize('flag', ['--train-split', '--val-split'])
 def test_train_refuses_a_misspelt_split_before_any_work(flag, tmp_path):
     # before: 'trian' meant the test split, so the run trained on the split it was scored on
-    with pytest.raises(ValueError, match=re.escape(f"{flag} 'trian': unknown split 'trian' for dataset 'triangle'; "
-                                                   "expected one of ['train', 'training', 'test', 'validation', 'val']")):
+    message = (f"{flag} 'trian': unknown split 'trian' for dataset 'triangle'; expected one of ['train', 'training', "
+               "'test', 'validation', 'val']")
+    with pytest.raises(ValueError, match=re.escape(message)):
         loop.main([*TINY, flag, 'trian', '--data-dir', str(tmp_path / 'data'), '--output', str(tmp_path),
                    '--experiment', 'x'])
     assert nothing_written(tmp_path)

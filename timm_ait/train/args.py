@@ -41,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--val-split', default='validation',
                        help=f"one of {list(SPLITS)}, or an image folder's subfolder")
     group.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
-    group.add_argument('--train-num-samples', type=int, default=None, help='size of the training set (generated) or its first N')
+    group.add_argument('--train-num-samples', type=int, default=None,
+                       help='size of the training set (generated), or a random subset of N drawn from --seed')
     group.add_argument('--fresh-train-data', action='store_true',
                        help='a new generated training set each epoch, drawn from (--seed, epoch) (triangle; the '
                             "authors' Triangle draws a new image at every access); epoch 0 is the cached set")
-    group.add_argument('--val-num-samples', type=int, default=None, help='size of the validation set (generated) or its first N')
+    group.add_argument('--val-num-samples', type=int, default=None,
+                       help='size of the validation set (generated), or a random subset of N drawn from --seed')
     group.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
                        help='which Sort-of-CLEVR questions to train on (evaluation reports both kinds)')
     group = parser.add_argument_group('Model')
@@ -213,7 +215,8 @@ def _config_value(action: argparse.Action, value):
     if value is None and action.default is None:  # 'not set', as the flag's default
         return None
     if action.nargs in ('+', '*'):
-        what = f'a list of {_LIST_NAMES.get(action.type, "values")}' + (' (at least one)' if action.nargs == '+' else '')
+        what = (f'a list of {_LIST_NAMES.get(action.type, "values")}'
+                + (' (at least one)' if action.nargs == '+' else ''))
         if not isinstance(value, list) or (action.nargs == '+' and not value):
             raise ValueError(what)
         try:

@@ -27,9 +27,10 @@ class FiniteUpdates:
     How a step is skipped without a host read: the parameters are copied before it; a non-finite step
     has its gradients zeroed (so it computes finite values), and after it every parameter is
     ``lerp``-ed to its copy with weight 1 (skip) or 0 (keep), exact both ways (but for a -0.0 weight,
-    which may come back +0.0): no value of a non-finite step reaches the weights. The optimizer's state is not put back (a third of the
-    cost): a skipped step leaves it as a step on zero gradients does (Adam's moments decayed once),
-    and the loop stops at its next read, so the state is never used again.
+    which may come back +0.0): no value of a non-finite step reaches the weights. The optimizer's
+    state is not put back (a third of the cost): a skipped step leaves it as a step on zero gradients
+    does (Adam's moments decayed once), and the loop stops at its next read, so it is never used again.
+    The guard costs a copy and a lerp of the parameters and two passes over the gradients a step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, check_grads: bool = True,

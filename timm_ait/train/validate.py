@@ -17,8 +17,8 @@ from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
 from ..data.factory import (
-    DATASETS, QUESTION_ANSWERING, SPLITS, check_model_inputs, check_num_classes, create_ait_dataset, dataset_is_generated,
-    resolve_split,
+    DATASETS, QUESTION_ANSWERING, SPLITS, check_model_inputs, check_num_classes, create_ait_dataset,
+    dataset_is_generated, resolve_split,
 )
 from ..data.sort_of_clevr import QUESTION_TYPES
 from ..run_model import LoadedRun, load_run_model
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an image folder's training split, whose class folders number the classes "
                              "(default: the checkpoint's, else train)")
     parser.add_argument('--dataset-download', action='store_true')
-    parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
+    parser.add_argument('--num-samples', type=int, default=None,
+                        help='size of the set (generated), or a random subset of N drawn from --seed')
     parser.add_argument('--seed', type=int, default=None,
                         help="seed of a generated dataset (default: the checkpoint's run's, else 42, as in training)")
     parser.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
