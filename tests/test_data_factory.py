@@ -161,3 +161,76 @@ def test_class_count_of_generated_data_and_the_check_against_the_model(tmp_path)
     with pytest.raises(ValueError, match=r"dataset 'sort-of-clevr' has 10 classes but the model has 2 outputs"
                                          r".*--num-classes 10"):
         check_num_classes(model, clevr, 'sort-of-clevr')
+
+
+@pytest.mark.parametrize('name', ['triangle', 'sort-of-clevr', 'torch/cifar10', 'torch/oxford-pet'])
+def test_a_misspelt_split_is_refused_naming_the_split_names(name, tmp_path):
+    # before: every name but train/training meant the held-out split
+    with pytest.raises(ValueError, match=r"unknown split 'trian' for dataset .*expected one of \['train', 'training', "
+                                         r"'test', 'validation', 'val'\]"):
+        create_ait_dataset(name, root=str(tmp_path), split='trian', num_samples=4, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was generated or read
+
+
+def test_split_aliases_name_the_same_data(tmp_path):
+    def images(split):
+        return create_ait_dataset('triangle', root=str(tmp_path), split=split, num_samples=6, progress=False).images
+
+    assert np.array_equal(images('train'), images('training'))
+    held_out = images('test')
+    assert np.array_equal(images('validation'), held_out) and np.array_equal(images('val'), held_out)
+    assert not np.array_equal(images('train'), held_out)
+
+
+def test_an_image_folder_split_is_one_of_its_subfolders(tmp_path):
+    for split in ('train', 'valid'):
+        (tmp_path / split / 'cat').mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / split / 'cat' / 'a.png')
+    assert len(create_ait_dataset('folder', root=str(tmp_path), split='valid')) == 1
+    with pytest.raises(FileNotFoundError, match=r"for split 'vaild'; the splits of .* are its subfolders: "
+                                                r"\['train', 'valid'\]"):
+        create_ait_dataset('folder', root=str(tmp_path), split='vaild')
+
+
+def class_folder(root, split, counts):
+    """An image folder split with ``counts[c]`` images in class folder c (files sorted by class on disk)."""
+    for c, count in enumerate(counts):
+        (root / split / f'class{c}').mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(root / split / f'class{c}' / f'{i:03d}.png')
+
+
+def test_num_samples_of_an_image_folder_is_a_seeded_random_subset(tmp_path):
+    class_folder(tmp_path, 'train', [16, 16])
+
+    def labels(seed, n=16):
+        subset = create_ait_dataset('folder', root=str(tmp_path), split='train', num_samples=n, seed=seed)
+        return [label for _, label in subset]
+
+    # before: the first 16 files, all of class 0
+    assert sorted(set(labels(0))) == [0, 1]
+    assert labels(0) == labels(0)  # drawn from the seed alone: the same on every rank and at validation
+    assert labels(0) != labels(1)
+    # every class in expectation: the share of class 0 in a draw of 8 of the 32 files is
+    # hypergeometric with mean 1/2 and sd 0.16; over 100 seeds the mean is 1/2 within 0.016 (1 sd)
+    shares = [np.mean(np.array(labels(seed, 8)) == 0) for seed in range(100)]
+    assert abs(np.mean(shares) - 0.5) < 0.05
+
+
+def test_num_samples_of_oxford_pet_is_a_seeded_random_subset(tmp_path):
+    base = tmp_path / 'oxford-iiit-pet'
+    (base / 'images').mkdir(parents=True)
+    (base / 'annotations').mkdir()
+    lines = []
+    for i in range(20):  # the list file is sorted by breed, as torchvision's is
+        breed, label = ('Abyssinian', 1) if i < 10 else ('beagle', 2)
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(base / 'images' / f'{breed}_{i}.jpg')
+        lines.append(f'{breed}_{i} {label} 1 1')
+    (base / 'annotations' / 'trainval.txt').write_text('\n'.join(lines) + '\n')
+    subset = create_ait_dataset('torch/oxford-pet', root=str(tmp_path), split='train', num_samples=10, seed=0)
+    assert len(subset) == 10 and sorted({label for _, label in subset}) == [0, 1]
+
+
+def test_num_samples_of_a_generated_dataset_is_its_size(tmp_path):
+    triangle = create_ait_dataset('triangle', root=str(tmp_path), num_samples=6, seed=3, progress=False)
+    assert len(triangle) == 6 and triangle.num_samples == 6

@@ -504,3 +504,44 @@ def test_a_stuck_rank_ends_the_run_with_a_clear_message(tmp_path):
     assert returncode == 1, log
     assert 'error: rank 0 of 2: another rank did not answer within the process group timeout (--dist-timeout)' \
         in log, log
+
+
+@pytest.fixture(scope='module')
+def ema_added_at_resume(trained, tmp_path_factory):
+    """The two-epoch run resumed into its own folder for a third epoch with --model-ema added, at decay 1:
+    that EMA never moves from the copy it starts as."""
+    root, data = trained
+    run_dir = copy_run(root / 'run', tmp_path_factory.mktemp('ema') / 'run')
+    resumed = state_of(run_dir / 'last.pth.tar')
+    run(TRAIN, *TRIANGLE, '--resume', str(run_dir / 'last.pth.tar'), '--epochs', '3', '--model-ema',
+        '--model-ema-decay', '1.0', '--data-dir', data)
+    return run_dir, resumed
+
+
+def test_model_ema_added_at_a_resume_starts_from_the_resumed_weights_and_memory(ema_added_at_resume):
+    run_dir, resumed = ema_added_at_resume
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        ema = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict_ema']
+    assert ema.keys() == resumed.keys() and any(k.endswith('memory.memory') for k in ema)
+    for k, v in resumed.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(ema[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_summary_column_added_at_a_resume_keeps_every_value_under_its_name(trained, ema_added_at_resume):
+    root, _ = trained
+    run_dir, _ = ema_added_at_resume
+    with open(run_dir / 'summary.csv', newline='') as f:
+        header, *lines = list(csv.reader(f))
+    before = read_summary(root / 'run' / 'summary.csv')
+    ema_columns = ['eval_ema_loss', 'eval_ema_top1', 'eval_ema_top5']
+    assert header == [c for c in before[0] if c != 'lr'] + ema_columns + ['lr']
+    assert all(len(line) == len(header) for line in lines)
+    rows = [dict(zip(header, line)) for line in lines]
+    assert [{k: v for k, v in r.items() if k not in ema_columns} for r in rows[:2]] == before
+    assert all(r[c] == '' for r in rows[:2] for c in ema_columns)
+    # before: the third row's values were written under the first rows' header, lr holding eval_ema_loss
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        last = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert float(rows[2]['lr']) == last['optimizer']['param_groups'][0]['lr']
+    assert 0 <= float(rows[2]['eval_ema_top1']) <= 100 and float(rows[2]['eval_ema_loss']) > 0

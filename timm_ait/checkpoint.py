@@ -11,6 +11,7 @@ models' settings: rebuilding a run's model is ``timm_ait.run_model``'s job.
 import argparse
 import hashlib
 import os
+import shutil
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -165,10 +166,17 @@ def source_checkpoint(state_dict: Dict[str, Any], model: Optional[nn.Module] = N
 
 
 class DigestCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, writing each checkpoint with its digest and syncing it to disk.
+    """timm's CheckpointSaver, writing each checkpoint with its digest and syncing it to disk, in an
+    order that a kill at any point leaves a run that resumes as if the save had not begun or had ended.
 
-    Only ``_save`` differs: it builds the same entries as timm's, adds ``digest``, and fsyncs the file
-    before timm renames it into place (so a crash cannot leave a renamed file without its contents).
+    * ``_save`` builds the same entries as timm's, adds ``digest``, and fsyncs the file before it is
+      put in place, so a file in place is complete.
+    * Every file is put in place by ``os.replace`` of a complete one. timm unlinks the old
+      last.pth.tar (and model_best.pth.tar) first, so a kill between the two leaves none.
+    * model_best.pth.tar is written before last.pth.tar. The other way, a kill after last.pth.tar
+      is in place left the best epoch in last.pth.tar only, which the next save overwrites.
+    * A resume from a last.pth.tar whose save was cut before its ranking (checkpoint-N, the best
+      file) finishes that ranking: :meth:`load_state_dict`.
     """
 
     def _save(self, save_path, epoch, metric=None):
@@ -189,7 +197,77 @@ class DigestCheckpointSaver(CheckpointSaver):
         if metric is not None:
             save_state['metric'] = metric
         save_state['saver'] = self.state_dict(epoch, metric)
+        if os.path.lexists(save_path):  # a killed save's file, maybe a hard link to a kept one: never write through it
+            os.unlink(save_path)
         with open(save_path, 'wb') as f:
             torch.save(with_digest(save_state), f)
             f.flush()
             os.fsync(f.fileno())
+
+    def _replace(self, src, dst):
+        os.replace(src, dst)  # atomic: dst is the old file or the new one, never missing
+
+    def _duplicate(self, src, dst):
+        """``dst`` becomes a copy of ``src`` (a hard link where the file system allows) atomically."""
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            return  # already (rename onto a link to the same file would do nothing and leave tmp behind)
+        tmp = dst + '.tmp'
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if self.can_hardlink:
+            try:
+                os.link(src, tmp)
+            except (OSError, NotImplementedError):
+                self.can_hardlink = False
+        if not self.can_hardlink:
+            shutil.copy2(src, tmp)
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+
+    def _is_best(self, metric) -> bool:
+        return metric is not None and (self.best_metric is None or self.cmp(metric, self.best_metric))
+
+    def save_checkpoint(self, epoch, metric=None):
+        """timm's ``save_checkpoint`` (last.pth.tar, a place among the ranked checkpoint-N, the best
+        file), in the crash-safe order of the class docstring."""
+        assert epoch >= 0
+        tmp_save_path = os.path.join(self.checkpoint_dir, 'tmp' + self.extension)
+        self._save(tmp_save_path, epoch, metric)
+        if self._is_best(metric):
+            self._duplicate(tmp_save_path, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))
+        self._replace(tmp_save_path, os.path.join(self.checkpoint_dir, 'last' + self.extension))
+        self._rank(epoch, metric)
+        return (None, None) if self.best_metric is None else (self.best_metric, self.best_epoch)
+
+    def _rank(self, epoch, metric) -> None:
+        """Give last.pth.tar (of ``epoch``) its place among the ranked checkpoints, as timm's
+        save_checkpoint does after writing it (the best file included)."""
+        worst_file = self.checkpoint_files[-1] if self.checkpoint_files else None
+        if (
+            len(self.checkpoint_files) < self.max_history
+            or worst_file[1] is None
+            or (metric is not None and self.cmp(metric, worst_file[1]))
+        ):
+            if len(self.checkpoint_files) >= self.max_history:
+                self._cleanup_checkpoints(1)
+            save_path = self._checkpoint_path(epoch)
+            self._duplicate(os.path.join(self.checkpoint_dir, 'last' + self.extension), save_path)
+            self._track_checkpoint(save_path, epoch, metric)
+
+    def load_state_dict(self, state_dict):
+        """timm's, and the end of a save that a kill cut: the state was captured before the save's
+        ranking (``pending``), so if last.pth.tar is that epoch and its checkpoint-N is missing, the
+        ranking is done now from last.pth.tar; and model_best.pth.tar is made the best epoch's if it
+        is not (a save killed in timm's order, before it was written)."""
+        super().load_state_dict(state_dict)
+        last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
+        epoch, metric = state_dict.get('pending', (None, None))
+        if epoch is not None and not os.path.exists(self._checkpoint_path(epoch)) and checkpoint_epoch(last) == epoch:
+            self._rank(epoch, metric)
+        best = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
+        if self.best_epoch is not None and checkpoint_epoch(best) != self.best_epoch:
+            for source in (self._checkpoint_path(self.best_epoch), last):
+                if checkpoint_epoch(source) == self.best_epoch:
+                    self._duplicate(source, best)
+                    break

@@ -3,10 +3,12 @@ import os
 import warnings
 from typing import Dict, Optional
 
+import numpy as np
 from torch.utils.data import Dataset, Subset
 
-__all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'create_ait_dataset', 'is_train_split', 'dataset_needs_no_aug',
-           'dataset_is_generated', 'dataset_num_classes', 'check_num_classes', 'folder_class_map']
+__all__ = ['DATASETS', 'FRESH_EACH_EPOCH', 'SPLITS', 'create_ait_dataset', 'resolve_split', 'is_train_split',
+           'dataset_needs_no_aug', 'dataset_is_generated', 'dataset_num_classes', 'check_num_classes',
+           'folder_class_map', 'random_subset', 'QUESTION_ANSWERING', 'check_model_inputs']
 
 # name -> what it is; generated datasets need no data directory
 DATASETS = {
@@ -17,7 +19,12 @@ DATASETS = {
     'torch/oxford-pet': 'Oxford-IIIT Pet through torchvision (37 classes)',
     'folder': 'an image folder per split (DATA_DIR/SPLIT/CLASS/*.jpg), through timm',
 }
-_TRAIN_SPLITS = ('train', 'training')
+# every split name a dataset with fixed splits accepts (all but 'folder', whose splits are its
+# subfolders), and which split it means: the training split or the held-out one (a generated
+# dataset's test stream, CIFAR's test batch, Oxford Pet's test list)
+SPLITS = {'train': 'train', 'training': 'train', 'test': 'test', 'validation': 'test', 'val': 'test'}
+# datasets of (image, question) items answered by a question-answering model, forward(images, questions)
+QUESTION_ANSWERING = ('sort-of-clevr',)
 # made by this package from a seed, so no data directory is needed
 _GENERATED = ('triangle', 'sort-of-clevr')
 # generated data whose labels a crop or a flip would change (a clipped cluster, 'is it on the left')
@@ -26,8 +33,27 @@ _NO_AUG = ('triangle', 'sort-of-clevr')
 FRESH_EACH_EPOCH = ('triangle',)
 
 
+def resolve_split(name: str, split: str, root: Optional[str] = None) -> str:
+    """The split ``split`` of dataset ``name`` means: 'train' or 'test' (see :data:`SPLITS`), or for an
+    image folder the subfolder itself. Any other name is refused, naming the accepted ones: a
+    misspelt split must not fall back to another one."""
+    _check_name(name)
+    if name == 'folder':
+        root = _require_dir(root, name, download=False)
+        if not os.path.isdir(os.path.join(root, split)):
+            found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+            raise FileNotFoundError(f'image folder dataset: no directory {os.path.join(root, split)!r} for split '
+                                    f'{split!r}; the splits of {root!r} are its subfolders: {found}')
+        return split
+    if split not in SPLITS:
+        raise ValueError(f'unknown split {split!r} for dataset {name!r}; expected one of {list(SPLITS)} (train, '
+                         'training: the training split; test, validation, val: the held-out split)')
+    return SPLITS[split]
+
+
 def is_train_split(split: str) -> bool:
-    return split in _TRAIN_SPLITS
+    """Whether ``split`` names the training split (an image folder's 'train' and 'training' too)."""
+    return SPLITS.get(split) == 'train'
 
 
 def dataset_needs_no_aug(name: str) -> bool:
@@ -65,6 +91,21 @@ def check_num_classes(model, dataset: Dataset, name: str) -> None:
                          f'(num_classes={outputs}); pass --num-classes {classes}')
 
 
+def check_model_inputs(model, model_name: str, name: str) -> None:
+    """A clear error, before any work, when ``model`` does not take what dataset ``name`` gives: a
+    question-answering model (one with ``question_dim``) needs questions with its images, a
+    classifier takes images only."""
+    question_dim = getattr(model, 'question_dim', None)
+    if question_dim is not None and name not in QUESTION_ANSWERING:
+        raise ValueError(f'model {model_name!r} takes images and questions (forward(images, questions), question_dim='
+                         f'{question_dim}), but dataset {name!r} gives images only; expected a question-answering '
+                         f'dataset ({", ".join(QUESTION_ANSWERING)}) for it, or an image classifier for {name!r}')
+    if question_dim is None and name in QUESTION_ANSWERING:
+        raise ValueError(f'model {model_name!r} takes images only (forward(images)), but dataset {name!r} gives images '
+                         'with questions; expected a question-answering model for it (one with question_dim, e.g. '
+                         'ait_small_patch5_75)')
+
+
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         known = '\n'.join(f'  {k}: {v}' for k, v in DATASETS.items())
@@ -93,27 +134,28 @@ def create_ait_dataset(
         train_split: str = 'train',
         fresh_each_epoch: bool = False,
 ) -> Dataset:
-    """Build the dataset ``name`` for ``split`` ('train'/'training' or anything else for the test set).
+    """Build the dataset ``name`` for ``split`` (a name of :data:`SPLITS`; an image folder's subfolder).
 
-    ``num_samples`` sets the size of a generated dataset (images for Sort-of-CLEVR) and takes the
-    first ``num_samples`` items of the others. Raises a clear error for an unknown name or a
-    missing data directory before anything is read. An image folder's classes are numbered from the
+    ``num_samples`` sets the size of a generated dataset (images for Sort-of-CLEVR) and takes a
+    random subset of ``num_samples`` items of the others, drawn from ``seed`` (the same on every
+    rank). Raises a clear error for an unknown name, split or a missing data directory before
+    anything is read. An image folder's classes are numbered from the
     class folders of ``train_split``, for every split, so labels mean the same class in all of them.
     ``fresh_each_epoch``: a training set drawn anew each epoch (Triangle only; the dataset's
     ``set_epoch`` switches it).
     """
-    _check_name(name)
+    split = resolve_split(name, split, root)
     train = is_train_split(split)
     if fresh_each_epoch and not (name in FRESH_EACH_EPOCH and train):
         raise ValueError(f'fresh_each_epoch: a new set each epoch is drawn for the training split of '
                          f'{list(FRESH_EACH_EPOCH)} only, not for {name!r} split {split!r}')
     if name == 'triangle':
         from .triangle import TriangleDataset
-        return TriangleDataset(root=root or None, split='train' if train else 'test', num_samples=num_samples,
+        return TriangleDataset(root=root or None, split=split, num_samples=num_samples,
                                seed=seed, progress=progress, fresh_each_epoch=fresh_each_epoch)
     if name == 'sort-of-clevr':
         from .sort_of_clevr import SortOfClevr
-        return SortOfClevr(root=root or None, split='train' if train else 'test', num_images=num_samples,
+        return SortOfClevr(root=root or None, split=split, num_images=num_samples,
                            seed=seed, questions=questions, progress=progress)
 
     root = _require_dir(root, name, download)
@@ -128,10 +170,7 @@ def create_ait_dataset(
                                                    target_types='category', download=download))
         else:
             from timm.data import create_dataset
-            split_dir = os.path.join(root, split)
-            if not os.path.isdir(split_dir):
-                raise FileNotFoundError(f'image folder dataset: no directory {split_dir!r} for split {split!r}')
-            dataset = create_dataset('', root=split_dir, is_training=train,
+            dataset = create_dataset('', root=os.path.join(root, split), is_training=train,
                                      class_map=folder_class_map(root, split, train_split))
     except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted', timm's 'Found 0 images'
         hint = ' (add --dataset-download to fetch it)' if name.startswith('torch/') else ''
@@ -142,8 +181,19 @@ def create_ait_dataset(
         raise ConnectionError(f'cannot download dataset {name!r} into {root!r} ({type(e).__name__}: {e}); check '
                               'the network and the folder, or put the files there and drop --dataset-download') from e
     if num_samples is not None and num_samples < len(dataset):
-        dataset = _TransformableSubset(dataset, range(num_samples))
+        dataset = _TransformableSubset(dataset, random_subset(len(dataset), num_samples, seed))
     return dataset
+
+
+def random_subset(size: int, num_samples: int, seed: int) -> list:
+    """``num_samples`` distinct indices of ``range(size)``, drawn from ``seed`` alone (so every rank and
+    every later validation draws the same ones), in increasing order. Files on disk are sorted by
+    class, so the first N would hold the first classes only; a random subset holds every class in
+    expectation."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f'num_samples must be an integer >= 1, got {num_samples!r}')
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(size, size=num_samples, replace=False)).tolist()
 
 
 def folder_class_map(root: str, split: str, train_split: str = 'train') -> Optional[Dict[str, int]]:

@@ -1,7 +1,8 @@
 """Training and validation as a package; train_scripts/train.py and validate.py are entry points to it.
 
-One module a job: ``args`` (flags, YAML config, the rules of a resume), ``run_dir`` (the run folder),
-``distributed``, ``task`` (the loss), ``evaluate``, ``loop`` (the epoch loop and ``main``), ``validate``
+One module a job: ``args`` (flags, YAML config, the rules of a resume), ``run_dir`` (the run folder,
+its claim and summary.csv), ``distributed``, ``task`` (the loss), ``guard`` (non-finite updates skipped
+on the device, losses summed there), ``evaluate``, ``loop`` (the epoch loop and ``main``), ``validate``
 and ``demo``.
 """
 from .args import build_parser, check_args, parse_args

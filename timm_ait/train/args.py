@@ -9,11 +9,12 @@ import yaml
 import timm
 from timm.utils import ParseKwargs
 
-from ..data.factory import DATASETS, FRESH_EACH_EPOCH
+from ..data.factory import DATASETS, FRESH_EACH_EPOCH, QUESTION_ANSWERING, SPLITS, resolve_split
 from ..run_model import MODEL_SETTINGS, resolve_model_settings, run_args
+from .evaluate import metric_names
 
-__all__ = ['PER_INVOCATION', 'OPTIMIZER_SETTINGS', 'build_parser', 'parse_args', 'given_args',
-           'apply_checkpoint_settings', 'check_args']
+__all__ = ['PER_INVOCATION', 'OPTIMIZER_SETTINGS', 'CLIP_MODES', 'build_parser', 'parse_args', 'given_args',
+           'apply_checkpoint_settings', 'eval_metrics', 'check_args']
 
 _logger = logging.getLogger('train')
 
@@ -24,6 +25,8 @@ PER_INVOCATION = ('config', 'resume', 'no_resume_opt', 'initial_checkpoint', 'pr
                   'torchcompile')
 # what a resumed optimizer state fixes (timm's schedule starts from the state's initial_lr)
 OPTIMIZER_SETTINGS = ('opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas')
+# timm's dispatch_clip_grad modes
+CLIP_MODES = ('norm', 'value', 'agc')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Dataset')
     group.add_argument('--dataset', '-d', default='triangle', metavar='NAME', help=f'one of {list(DATASETS)}')
     group.add_argument('--data-dir', default=None, metavar='DIR', help='dataset root (cache folder for generated data)')
-    group.add_argument('--train-split', default='train')
-    group.add_argument('--val-split', default='validation')
+    group.add_argument('--train-split', default='train',
+                       help=f"one of {list(SPLITS)}, or an image folder's subfolder")
+    group.add_argument('--val-split', default='validation',
+                       help=f"one of {list(SPLITS)}, or an image folder's subfolder")
     group.add_argument('--dataset-download', action='store_true', help='let torchvision download the dataset')
-    group.add_argument('--train-num-samples', type=int, default=None, help='size of the training set (generated) or its first N')
+    group.add_argument('--train-num-samples', type=int, default=None,
+                       help='size of the training set (generated), or a random subset of N drawn from --seed')
     group.add_argument('--fresh-train-data', action='store_true',
                        help='a new generated training set each epoch, drawn from (--seed, epoch) (triangle; the '
                             "authors' Triangle draws a new image at every access); epoch 0 is the cached set")
-    group.add_argument('--val-num-samples', type=int, default=None, help='size of the validation set (generated) or its first N')
+    group.add_argument('--val-num-samples', type=int, default=None,
+                       help='size of the validation set (generated), or a random subset of N drawn from --seed')
     group.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
                        help='which Sort-of-CLEVR questions to train on (evaluation reports both kinds)')
     group = parser.add_argument_group('Model')
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--momentum', type=float, default=0.9)
     group.add_argument('--weight-decay', type=float, default=0.01)
     group.add_argument('--clip-grad', type=float, default=None)
-    group.add_argument('--clip-mode', default='norm')
+    group.add_argument('--clip-mode', default='norm', choices=CLIP_MODES)
     group.add_argument('--sched', default='cosine')
     group.add_argument('--lr', type=float, default=1e-4)
     group.add_argument('--warmup-lr', type=float, default=1e-5)
@@ -115,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "torch's, 30 minutes for gloo, 10 for nccl)")
     group.add_argument('--output', default='./output/train', metavar='DIR')
     group.add_argument('--experiment', default='', help='name of the run folder under --output')
-    group.add_argument('--eval-metric', default='top1')
+    group.add_argument('--eval-metric', default='top1',
+                       help='the metric that ranks checkpoints (and drives a plateau schedule): loss, top1, top5, '
+                            'ema_* with --model-ema, (non_)relational_top1 for question answering')
     return parser
 
 
@@ -138,11 +147,80 @@ def _read_config(parser, argv):
         if not isinstance(cfg, dict):
             parser.error(f'config {known.config!r} must be a mapping of flag names to values, got a '
                          f'{type(cfg).__name__}')
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - dests)
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(cfg) - set(actions))
         if unknown:
             parser.error(f'config {known.config!r} has unknown keys {unknown}; keys are flag names with underscores')
+        for key, value in cfg.items():
+            try:
+                cfg[key] = _config_value(actions[key], value)
+            except ValueError as e:
+                parser.error(f'config {known.config!r}: {key}: expected {e}, got {value!r} ({type(value).__name__}'
+                             + ('; YAML reads yes/no/on/off/true/false as booleans' if isinstance(value, bool) else '')
+                             + ')')
     return known.config, cfg, remaining
+
+
+_TYPE_NAMES = {int: 'an integer', float: 'a number', None: 'a string'}
+_LIST_NAMES = {int: 'integers', float: 'numbers', None: 'strings'}
+
+
+def _scalar(action: argparse.Action, value):
+    """``value`` as the flag's type would make it from the command line, or a ValueError saying what it
+    expects. YAML has its own types: a bool is no integer (``epochs: yes`` is True), a string is
+    converted as argparse converts it (``lr: 1e-3`` is a string to YAML)."""
+    kind = action.type
+    what = _TYPE_NAMES.get(kind, getattr(kind, '__name__', str(kind)))
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise ValueError(what)
+    if kind is None:
+        if not isinstance(value, str):
+            raise ValueError(what)
+    elif kind is int:
+        if isinstance(value, float) or not isinstance(value, (int, str)):
+            raise ValueError(what)
+        value = int(value) if not isinstance(value, str) else _convert(kind, value, what)
+    elif kind is float:
+        if not isinstance(value, (int, float, str)):
+            raise ValueError(what)
+        value = float(value) if not isinstance(value, str) else _convert(kind, value, what)
+    elif isinstance(value, str):
+        value = _convert(kind, value, what)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f'one of {list(action.choices)}')
+    return value
+
+
+def _convert(kind, text: str, what: str):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(what) from None
+
+
+def _config_value(action: argparse.Action, value):
+    """A config value checked against its flag (type, number of values, choices): what the command line
+    would give, else a ValueError naming what was expected."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ValueError('true or false')
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError('a mapping of model keyword names to values')
+        return value
+    if value is None and action.default is None:  # 'not set', as the flag's default
+        return None
+    if action.nargs in ('+', '*'):
+        what = (f'a list of {_LIST_NAMES.get(action.type, "values")}'
+                + (' (at least one)' if action.nargs == '+' else ''))
+        if not isinstance(value, list) or (action.nargs == '+' and not value):
+            raise ValueError(what)
+        try:
+            return [_scalar(action, v) for v in value]
+        except ValueError:
+            raise ValueError(what) from None
+    return _scalar(action, value)
 
 
 def parse_args(argv=None):
@@ -195,6 +273,13 @@ def apply_checkpoint_settings(args, given: set, checkpoint: dict) -> None:
         _logger.info(f'Resuming with changed settings: {", ".join(changed)}')
 
 
+def eval_metrics(args) -> list:
+    """The names of the metrics each epoch's evaluation reports (eval_* in summary.csv), as --eval-metric
+    may name them."""
+    names = metric_names(relational=args.dataset in QUESTION_ANSWERING)
+    return names + ([f'ema_{name}' for name in names] if args.model_ema else [])
+
+
 def check_args(args) -> None:
     """Everything that can be wrong with the request, before any work is done."""
     if not timm.is_model(args.model):
@@ -207,6 +292,11 @@ def check_args(args) -> None:
                          'a value (the dense ablation is bottleneck=none)')
     if args.dataset not in DATASETS:
         raise ValueError(f'unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}')
+    for key in ('train_split', 'val_split'):  # a misspelt split must not fall back to another one
+        try:
+            resolve_split(args.dataset, getattr(args, key), args.data_dir)
+        except (ValueError, OSError) as e:
+            raise type(e)(f'--{key.replace("_", "-")} {getattr(args, key)!r}: {e}') from None
     if args.fresh_train_data and args.dataset not in FRESH_EACH_EPOCH:
         raise ValueError(f'--fresh-train-data: a new training set each epoch is drawn for {list(FRESH_EACH_EPOCH)} '
                          f'only, not for --dataset {args.dataset!r}')
@@ -216,6 +306,14 @@ def check_args(args) -> None:
         raise ValueError(f'--epochs must be >= 1, got {args.epochs}')
     if args.batch_size < 1:
         raise ValueError(f'-b/--batch-size must be >= 1, got {args.batch_size}')
+    for key in ('log_interval', 'checkpoint_hist'):
+        if getattr(args, key) < 1:
+            raise ValueError(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
+    if args.clip_mode not in CLIP_MODES:
+        raise ValueError(f'--clip-mode must be one of {list(CLIP_MODES)}, got {args.clip_mode!r}')
+    metrics = eval_metrics(args)
+    if args.eval_metric not in metrics:
+        raise ValueError(f'--eval-metric {args.eval_metric!r} is not a metric of this run; expected one of {metrics}')
     if args.dist_timeout is not None and not args.dist_timeout > 0:
         raise ValueError(f'--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}')
     for name in ('resume', 'initial_checkpoint'):

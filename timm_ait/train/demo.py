@@ -11,12 +11,12 @@ Everything lands in ./output/demo.
 import argparse
 import os
 import time
-from datetime import datetime
 
 import torch
 
 from ..cpu_speed import keep_freed_memory
 from . import loop, validate
+from .run_dir import new_run_name
 
 # Sized for minutes on 2 cores: the tiny AiT sees about ten times the images AiT-Small would in that
 # time (docs/training.md). lr 1e-3 with clipping at norm 1 is the recipe of the Hub test fixture
@@ -33,7 +33,7 @@ def main():
     parser.add_argument('--data-dir', default='data')
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
-    run = datetime.now().strftime('%Y%m%d-%H%M%S')
+    run = new_run_name()  # two demos started in one second get two folders
     # one thread: a model this small gains nothing from more, and the loader worker needs the other core
     torch.set_num_threads(1)
     # reuse freed tensors instead of faulting their pages in again every step: less CPU time, the same

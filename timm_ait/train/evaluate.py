@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['to_device', 'amp_context', 'evaluate', 'report_results']
+__all__ = ['to_device', 'amp_context', 'evaluate', 'metric_names', 'report_results']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -29,6 +29,11 @@ def amp_context(enabled: bool, dtype: str, device: torch.device) -> Callable[[],
     if dtype not in AMP_DTYPES:
         raise ValueError(f'unknown --amp-dtype {dtype!r}; expected one of {sorted(AMP_DTYPES)}')
     return partial(torch.autocast, device_type=device.type, dtype=AMP_DTYPES[dtype])
+
+
+def metric_names(relational: bool = False) -> list:
+    """The names of the metrics :func:`evaluate` returns (``relational``: with its relational argument)."""
+    return ['loss', 'top1', 'top5'] + (['relational_top1', 'non_relational_top1'] if relational else [])
 
 
 @torch.no_grad()

@@ -15,8 +15,10 @@ resume checks. Every random draw of an epoch (data order, augmentation, dropout)
 run's settings from its checkpoint; the command line may change how the run continues (--epochs,
 the data folder, logging, ...) but not the model or the resumed optimizer's settings.
 
-The run stops, leaving its checkpoints as they are, at the first non-finite training loss; a
-distributed run stops when a rank does not answer for --dist-timeout seconds.
+A training step does not wait for the device between log intervals: a step whose loss or gradients
+are not finite has its update skipped on the device (timm_ait.train.guard), and the run stops at the
+next log interval, leaving its checkpoints as they are. One process at a time writes into a run
+folder (its run.lock). A distributed run stops when a rank does not answer for --dist-timeout seconds.
 """
 import logging
 import math
@@ -32,11 +34,13 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, ModelEmaV3, NativeScaler, dispatch_clip_grad, is_primary, random_seed, reduce_tensor,
-    setup_default_logging, update_summary,
+    setup_default_logging,
 )
 
 from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoint, state_digest
-from ..data.factory import check_num_classes, create_ait_dataset, dataset_needs_no_aug
+from ..data.factory import (
+    QUESTION_ANSWERING, check_model_inputs, check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split,
+)
 from ..layers import (
     GlobalWorkspaceLayer, memory_slot_similarity, reset_memory as reset_model_memory, set_balance_loss_scale,
     skipped_memory_writes,
@@ -45,7 +49,8 @@ from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
 from .evaluate import amp_context, evaluate, to_device
-from .run_dir import resolve_output_dir, trim_summary, write_args
+from .guard import FiniteUpdates, StepMeters
+from .run_dir import RunDirClaim, check_output_dir, resolve_output_dir, trim_summary, write_args, write_summary_row
 from .task import AiTClassificationTask
 
 __all__ = ['NonFiniteLossError', 'main', 'cli']
@@ -89,6 +94,11 @@ def build_loaders(args, model, device):
     data_config = resolve_data_config(vars(args), model=model, verbose=is_primary(args))
     common = dict(root=args.data_dir, download=args.dataset_download, seed=args.seed,
                   questions=args.sort_of_clevr_questions, progress=is_primary(args), train_split=args.train_split)
+    same = resolve_split(args.dataset, args.train_split, args.data_dir) == resolve_split(
+        args.dataset, args.val_split, args.data_dir)
+    if same and is_primary(args):
+        _logger.warning(f'--train-split {args.train_split!r} and --val-split {args.val_split!r} are the same split: '
+                        'the eval_* figures of this run are measured on training data')
     # generate (and cache) once, on the first rank, before the others read the cache
     if args.distributed and not is_primary(args):
         torch.distributed.barrier()
@@ -100,7 +110,7 @@ def build_loaders(args, model, device):
         torch.distributed.barrier()
     check_num_classes(model, train_set, args.dataset)
 
-    two_inputs = args.dataset == 'sort-of-clevr'
+    two_inputs = args.dataset in QUESTION_ANSWERING
     use_prefetcher = device.type == 'cuda' and not two_inputs
     mixup_fn = collate_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -136,8 +146,31 @@ def build_loaders(args, model, device):
     return train_loader, val_loader, mixup_fn, relational
 
 
+def _any_rank(flag: torch.Tensor) -> None:
+    """``flag`` (a bool tensor) set on every rank where it is set on any (in place, on the device)."""
+    as_int = flag.to(torch.int32)
+    torch.distributed.all_reduce(as_int, op=torch.distributed.ReduceOp.MAX)
+    flag.copy_(as_int > 0)
+
+
+def _diverged(first: list, epoch: int, num_batches: int) -> NonFiniteLossError:
+    batch, loss, task_loss, balance, _ = first
+    where = f'at epoch {epoch}, batch {int(batch)}/{num_batches}'
+    what = (f'the training loss is {loss} {where} (task loss {task_loss}, balance loss {balance})'
+            if not math.isfinite(loss) else f'the gradients are not finite {where} (loss {loss})')
+    return NonFiniteLossError(f'{what}: training diverged (a learning rate too high? non-finite input?); its update '
+                              'was skipped, and the run stops with the checkpoints of the last finished epoch as they '
+                              'were')
+
+
 def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, autocast, loss_scaler,
                     model_ema, mixup_fn):
+    """One epoch of training steps that never wait for the device between log intervals.
+
+    A step whose loss or gradients are not finite is skipped on the device (``FiniteUpdates``); the
+    skips and the summed losses are read at the log interval and at the last step, one transfer each
+    time, and the first skip stops the run there (a NonFiniteLossError), before anything is saved.
+    """
     task.train()
     model = task.trainable_module
     accum = args.grad_accum_steps
@@ -145,7 +178,11 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
-    meters = {k: AverageMeter() for k in ('loss', 'task_loss', 'balance_loss', 'aux_loss')}
+    meters = StepMeters(('loss', 'task_loss', 'balance_loss', 'aux_loss'), device)
+    # a GradScaler skips its own overflowed gradients (those of a finite loss are no divergence)
+    updates = FiniteUpdates(optimizer, device, check_grads=loss_scaler is None,
+                            reduce=_any_rank if args.distributed else None)
+    reduce = (lambda t: reduce_tensor(t, args.world_size)) if args.distributed else None
     batch_time = AverageMeter()
     end = time.time()
     optimizer.zero_grad()
@@ -162,28 +199,25 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
         with (task.no_sync() if not sync else torch.enable_grad()):
             with autocast():
                 result = task(input, target)
-            # before the step: a non-finite loss must not reach the weights. Averaged over ranks, so
-            # every rank sees the NaN of any and all stop together
-            values = torch.stack([result[k].detach().float() for k in meters])
-            if args.distributed:
-                values = reduce_tensor(values, args.world_size)
-            values = dict(zip(meters, values.tolist()))  # one device sync a step, not one a value
-            if not math.isfinite(values['loss']):
-                raise NonFiniteLossError(
-                    f'the training loss is {values["loss"]} at epoch {epoch}, batch {batch_idx + 1}/{num_batches} '
-                    f'(task loss {values["task_loss"]}, balance loss {values["balance_loss"]}): training diverged '
-                    '(a learning rate too high? non-finite input?); stopping with the checkpoints of the last '
-                    'finished epoch as they were')
+            values = torch.stack([result[k].detach().float() for k in meters.names])
+            updates.observe(values, batch_idx)
             loss = result['loss'] / accum
             if loss_scaler is not None:
-                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=model.parameters(), need_update=need_update)
+                if need_update:
+                    updates.step(lambda: loss_scaler(loss, optimizer, clip_grad=args.clip_grad,
+                                                     clip_mode=args.clip_mode, parameters=model.parameters(),
+                                                     need_update=True), batch_idx, values)
+                else:
+                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=model.parameters(), need_update=False)
             else:
                 loss.backward()
                 if need_update:
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+                    def step():
+                        if args.clip_grad is not None:
+                            dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+                    updates.step(step, batch_idx, values)
         if need_update:
             optimizer.zero_grad()
             num_updates += 1
@@ -193,18 +227,21 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
                 model_ema.update(model, step=num_updates)
 
         n = target.shape[0]
-        for k, meter in meters.items():
-            meter.update(values[k], n)
+        meters.update(values, n)
         batch_time.update(time.time() - end)
         end = time.time()
-        if is_primary(args) and (batch_idx % args.log_interval == 0 or last):
-            lr = optimizer.param_groups[0]['lr']
-            _logger.info(
-                f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
-                f'loss {meters["loss"].val:.4f} ({meters["loss"].avg:.4f})  '
-                f'balance {meters["balance_loss"].val:.4f}  aux {meters["aux_loss"].val:.4g}  lr {lr:.3e}  '
-                f'{n * args.world_size / batch_time.val:.1f} img/s')
-    return OrderedDict((k, m.avg) for k, m in meters.items())
+        if batch_idx % args.log_interval == 0 or last:  # every rank reads (and stops) at the same steps
+            now, avg, (skipped, first) = meters.read(updates.skipped, updates.first, reduce=reduce)
+            if skipped[0]:
+                raise _diverged(first, epoch, num_batches)
+            if is_primary(args):
+                lr = optimizer.param_groups[0]['lr']
+                _logger.info(
+                    f'Train: {epoch} [{batch_idx + 1:>4d}/{num_batches}] '
+                    f'loss {now["loss"]:.4f} ({avg["loss"]:.4f})  '
+                    f'balance {now["balance_loss"]:.4f}  aux {now["aux_loss"]:.4g}  lr {lr:.3e}  '
+                    f'{n * args.world_size / batch_time.val:.1f} img/s')
+    return OrderedDict(avg)
 
 
 def check_finite(model, what: str) -> None:
@@ -233,11 +270,44 @@ def main(argv=None):
             raise ValueError(f'--resume {args.resume!r} has finished epoch {resume_state.get("epoch")} of '
                              f'--epochs {args.epochs}: nothing is left to train; pass a larger --epochs to go on')
     device = init_distributed(args)
-    output_dir = resolve_output_dir(args, resume_state)
+    output_dir, claim = claim_output_dir(args, resume_state)
+    try:
+        return _train(args, given, resume_state, device, output_dir)
+    finally:
+        if claim is not None:  # the folder too, if the run was refused before writing anything there
+            claim.release(remove_empty=True)
+
+
+def claim_output_dir(args, resume_state):
+    """The run folder and the first rank's claim on it (see RunDirClaim); the other ranks learn the
+    folder, or why it is refused, from the first."""
+    claim = error = output_dir = None
+    if is_primary(args):
+        try:
+            output_dir = resolve_output_dir(args, resume_state)
+            claim = RunDirClaim(output_dir)
+            check_output_dir(output_dir, args, resume_state)  # again, now that no other run can write there
+        except OSError as e:
+            if claim is not None:
+                claim.release(remove_empty=True)
+            error = e
+    if args.distributed:
+        shared = [output_dir, None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        output_dir, message = shared
+        if error is None and message is not None:
+            error = FileExistsError(message)
+    if error is not None:
+        raise error
+    return output_dir, claim
+
+
+def _train(args, given, resume_state, device, output_dir):
     if args.distributed:
         _logger.info(f'Process {args.rank} of {args.world_size} on {device} (pid {os.getpid()}).')
     random_seed(args.seed, 0)  # the same initial weights and memory on every rank
     model = create_task_model(args, device, resume_state, given)  # a mismatched file fails here, before any work
+    check_model_inputs(model, args.model, args.dataset)
     random_seed(args.seed, args.rank)
     if is_primary(args):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
@@ -270,7 +340,8 @@ def main(argv=None):
                                  broadcast_buffers=False)
 
     updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=False),
+    decreasing = args.eval_metric.endswith('loss')  # a lower loss is better; accuracies rise
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                 updates_per_epoch=updates_per_epoch)
     if start_epoch > 0:
         scheduler.step(start_epoch) if not args.sched_on_updates else scheduler.step_update(start_epoch * updates_per_epoch)
@@ -283,7 +354,7 @@ def main(argv=None):
         trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
         saver = DigestCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                       amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist)
+                                      decreasing=decreasing, max_history=args.checkpoint_hist)
         if resume_state is not None and 'saver' in resume_state and os.path.dirname(
                 os.path.abspath(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict(resume_state['saver'])
@@ -328,8 +399,10 @@ def main(argv=None):
             if slot_similarity is not None:
                 _logger.info(f'Memory: mean cosine between slots {slot_similarity:.4f}')
             _logger.info('Eval: ' + '  '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-            update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
-                           lr=optimizer.param_groups[0]['lr'])
+            # timm's update_summary columns, written so that a column added at a resume keeps the others
+            write_summary_row(os.path.join(output_dir, 'summary.csv'), {
+                'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+                **{f'eval_{k}': v for k, v in eval_metrics.items()}, 'lr': optimizer.param_groups[0]['lr']})
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
             _logger.info(f'Best {args.eval_metric} so far: {best_metric:.4f} (epoch {best_epoch})')
     if args.distributed:

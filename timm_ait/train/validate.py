@@ -20,7 +20,10 @@ from timm.data import create_loader, resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
 from ..checkpoint import DIGEST_KEY, content_digest
-from ..data.factory import DATASETS, check_num_classes, create_ait_dataset, dataset_is_generated
+from ..data.factory import (
+    DATASETS, QUESTION_ANSWERING, SPLITS, check_model_inputs, check_num_classes, create_ait_dataset,
+    dataset_is_generated, resolve_split,
+)
 from ..data.sort_of_clevr import QUESTION_TYPES
 from ..run_model import LoadedRun, load_run_model
 from .evaluate import amp_context, evaluate, report_results
@@ -42,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data-dir', default=None,
                         help="dataset root (default: the checkpoint's run's, when it is the run's dataset)")
     parser.add_argument('--split', default=None,
-                        help="split to evaluate (default: the checkpoint's run's --val-split, else validation)")
+                        help=f"split to evaluate, one of {list(SPLITS)} or an image folder's subfolder (default: the "
+                             "checkpoint's run's --val-split, else validation)")
     parser.add_argument('--train-split', default=None,
                         help="an image folder's training split, whose class folders number the classes "
                              "(default: the checkpoint's, else train)")
     parser.add_argument('--dataset-download', action='store_true')
-    parser.add_argument('--num-samples', type=int, default=None, help='size of the set (generated) or its first N')
+    parser.add_argument('--num-samples', type=int, default=None,
+                        help='size of the set (generated), or a random subset of N drawn from --seed')
     parser.add_argument('--seed', type=int, default=None,
                         help="seed of a generated dataset (default: the checkpoint's run's, else 42, as in training)")
     parser.add_argument('--sort-of-clevr-questions', default='all', choices=('all', 'relational', 'non_relational'),
@@ -87,6 +92,11 @@ def load_model(args) -> LoadedRun:
         args.split = (run.get('val_split') if runs_dataset else None) or 'validation'
     if args.train_split is None:
         args.train_split = run.get('train_split') or 'train'
+    try:  # a misspelt split must not fall back to another one
+        resolve_split(args.dataset, args.split, args.data_dir)
+    except (ValueError, OSError) as e:
+        raise type(e)(f'--split {args.split!r}: {e}') from None
+    check_model_inputs(loaded.model, args.model, args.dataset)
     return loaded
 
 
@@ -114,7 +124,7 @@ def validate(args) -> dict:
                                  num_samples=args.num_samples, seed=args.seed,
                                  questions=args.sort_of_clevr_questions, train_split=args.train_split)
     check_num_classes(model, dataset, args.dataset)
-    two_inputs = args.dataset == 'sort-of-clevr'
+    two_inputs = args.dataset in QUESTION_ANSWERING
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
