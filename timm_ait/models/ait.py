@@ -105,7 +105,8 @@ class AssociativeTransformer(VisionTransformer):
     Args:
         gwl: False builds the ViT twin with the same dimensions (plain timm ``Mlp``).
         num_slots, slot_dim, gwl_heads, bottleneck, cap_bottleneck, smoothing, memory_init,
-        memory_l2norm, beta, hopfield_steps, hopfield, feed_forward: see ``GlobalWorkspaceLayer``.
+        memory_l2norm, memory_decorrelation, beta, hopfield_steps, hopfield, feed_forward: see
+            ``GlobalWorkspaceLayer``.
         self_attn: False removes the blocks' self-attention (ablation).
         ablation: one name of :data:`ABLATIONS` (the paper's Table 2), applied over the above.
         global_pool: timm's options plus 'flatten' (the authors' head over all tokens).
@@ -132,6 +133,7 @@ class AssociativeTransformer(VisionTransformer):
             smoothing: float = 0.9,
             memory_init: str = 'gaussian',
             memory_l2norm: bool = False,
+            memory_decorrelation: float = 0.0,
             beta: float = 1.0,
             hopfield_steps: int = 1,
             hopfield: bool = True,
@@ -170,7 +172,8 @@ class AssociativeTransformer(VisionTransformer):
             mlp_layer = partial(
                 GlobalWorkspaceLayer, num_slots=num_slots, slot_dim=slot_dim, gwl_heads=gwl_heads,
                 bottleneck=bottleneck, cap_bottleneck=cap_bottleneck, smoothing=smoothing,
-                memory_init=memory_init, memory_l2norm=memory_l2norm, beta=beta,
+                memory_init=memory_init, memory_l2norm=memory_l2norm, memory_decorrelation=memory_decorrelation,
+                beta=beta,
                 hopfield_steps=hopfield_steps, hopfield=hopfield, feed_forward=feed_forward,
                 write_drop=gwl_write_drop, write_norm_eps=gwl_write_norm_eps)
         else:
