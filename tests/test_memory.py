@@ -1,11 +1,16 @@
 """The explicit memory's diagnostics, and the write that keeps its priors distinct."""
 import math
+import os
 
 import pytest
+import timm
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+import timm_ait  # noqa: F401
 from timm_ait.layers import (
-    ExplicitMemory, decorrelation_step, mean_abs_slot_cosine, mean_slot_cosine, memory_by_layer,
+    ExplicitMemory, GlobalWorkspaceLayer, decorrelation_step, mean_abs_slot_cosine, mean_slot_cosine, memory_by_layer,
     memory_participation_rank, memory_slot_similarity,
 )
 
@@ -159,3 +164,67 @@ def test_a_decorrelating_write_with_unit_rows_normalises_before_and_after_the_st
 def test_decorrelation_strength_out_of_range_is_an_error(bad):
     with pytest.raises(ValueError, match='decorrelation must be in'):
         ExplicitMemory(4, 3, decorrelation=bad)
+
+
+def test_with_frozen_weights_the_paper_write_collapses_and_the_decorrelating_write_does_not():
+    """A small GWL writes 200 pools of Gaussian patches (no training): the paper's EWMA drives its 8 slots to
+    one direction; one decorrelation step per write keeps most of the 8 directions (8 orthogonal rows of equal
+    length would give exactly 8)."""
+    def after_writes(decorrelation):
+        torch.manual_seed(0)
+        layer = GlobalWorkspaceLayer(32, num_slots=8, slot_dim=8, gwl_heads=2, bottleneck=8,
+                                     memory_decorrelation=decorrelation).train()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(200):
+                layer(torch.randn(1, 64, 32, generator=gen))
+        return memory_participation_rank(layer.memory.memory), mean_abs_slot_cosine(layer.memory.memory)
+
+    paper_rank, paper_cos = after_writes(0.0)
+    rank, cos = after_writes(0.05)
+    assert paper_rank < 1.5 and paper_cos > 0.8, (paper_rank, paper_cos)
+    assert rank > 6 and cos < 0.2, (rank, cos)
+
+
+def test_the_model_keyword_reaches_every_memory_and_leaves_eval_as_it_was():
+    kwargs = dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8, gwl_heads=2, bottleneck=10, img_size=16)
+    torch.manual_seed(0)
+    paper = timm.create_model('ait_small_patch4_32', num_classes=3, **kwargs)
+    torch.manual_seed(0)
+    model = timm.create_model('ait_small_patch4_32', num_classes=3, memory_decorrelation=0.05, **kwargs)
+    assert [b.mlp.memory.decorrelation for b in model.blocks] == [0.05, 0.05]
+    assert [b.mlp.memory.decorrelation for b in paper.blocks] == [0.0, 0.0]  # the registered default
+    x = torch.randn(4, 3, 16, 16)
+    paper.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), paper(x))  # eval reads the stored memory and writes nothing
+    paper.train(), model.train()
+    with torch.no_grad():
+        paper(x), model(x)
+    assert not torch.equal(model.blocks[0].mlp.memory.memory, paper.blocks[0].mlp.memory.memory)
+
+
+def _write_on_rank(rank, world_size, rdzv, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size)
+    try:
+        memory = ExplicitMemory(6, 5, decorrelation=0.2)
+        current, candidate = _rank_inputs(rank)
+        memory.write(candidate, current)
+        torch.save(memory.memory, os.path.join(out_dir, f'rank{rank}.pth'))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_inputs(rank):
+    g = torch.Generator().manual_seed(10 + rank)  # a memory and a candidate of each rank's own
+    return torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g) + 1.0
+
+
+@pytest.mark.skipif(not dist.is_available(), reason='torch.distributed is not available')
+def test_the_decorrelation_step_runs_on_the_rank_average(tmp_path):
+    mp.spawn(_write_on_rank, args=(2, str(tmp_path / 'rdzv'), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f'rank{r}.pth') for r in (0, 1))
+    assert torch.equal(a, b)
+    ewmas = [0.9 * current + 0.1 * candidate for current, candidate in map(_rank_inputs, (0, 1))]
+    torch.testing.assert_close(a, _reference_decorrelation((ewmas[0] + ewmas[1]) / 2, 0.2))
