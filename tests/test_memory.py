@@ -30,15 +30,36 @@ def test_slot_similarity_is_the_mean_cosine_of_distinct_slot_pairs():
     assert memory_slot_similarity(torch.nn.Linear(2, 2)) is None
 
 
-def test_memory_collapse_tool_measures_the_write_pulling_slots_together():
-    """tools/memory_collapse.py at toy size: the default write's slots drift together, the unit-row write's faster."""
-    import argparse
+def _tool():
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / 'tools' / 'memory_collapse.py'
     spec = importlib.util.spec_from_file_location('memory_collapse', path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_memory_collapse_tool_write_variants():
+    """The experiments' candidate writes: 'polar' at full strength gives the polar factor's orthonormal rows at
+    the stored lengths; 'centre' adds nothing common to all slots."""
+    tool = _tool()
+    memory = torch.randn(5, 7, dtype=torch.float64) + 1.0
+    new = memory + tool.polar_step(memory, 1.0)
+    torch.testing.assert_close(new @ new.T, torch.diag(memory.norm(dim=-1) ** 2))
+    layer = GlobalWorkspaceLayer(16, num_slots=5, slot_dim=7, gwl_heads=1, bottleneck=4).train()
+    tool.use_variant(layer, 'centre')
+    before = layer.memory.memory.clone()
+    layer(torch.randn(2, 6, 16))
+    torch.testing.assert_close((layer.memory.memory - before).mean(0), torch.zeros(7), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match='unknown write variant'):
+        tool.use_variant(layer, 'whiten=0.1')
+
+
+def test_memory_collapse_tool_measures_the_write_pulling_slots_together():
+    """tools/memory_collapse.py at toy size: the default write's slots drift together, the unit-row write's faster."""
+    import argparse
+    tool = _tool()
     args = argparse.Namespace(dim=32, pool=64, k=8, slots=8, slot_dim=8, heads=2, writes=200, report=[1, 200], seed=0)
     default = [cos for _, cos, _ in tool.ours(args, l2=False)]
     unit_rows = [cos for _, cos, _ in tool.ours(args, l2=True)]
@@ -99,7 +120,8 @@ def test_memory_by_layer_names_every_memory():
     ranks = memory_by_layer(model)
     assert list(ranks) == ['0', '2']
     assert ranks['0'] == pytest.approx(3.0) and ranks['2'] == pytest.approx(1.0, abs=1e-3)
-    assert memory_by_layer(model, mean_abs_slot_cosine)['2'] == pytest.approx(1.0, abs=1e-3)
+    cosines = memory_by_layer(model, mean_abs_slot_cosine)
+    assert cosines['0'] == 0.0 and cosines['2'] == pytest.approx(1.0, abs=1e-3)
     assert memory_by_layer(torch.nn.Linear(2, 2)) == {}
 
 
