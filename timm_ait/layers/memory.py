@@ -146,6 +146,10 @@ class ExplicitMemory(nn.Module):
         value, so torch.compile captures it); each skip counts in :attr:`skipped_writes`, which
         :func:`skipped_memory_writes` reads outside the graph. ``empty``: the batch had no patches,
         so there is nothing to write (a rank with one passes its memory unchanged to the average).
+
+        With ``decorrelation`` the step follows the rank average, so every rank takes the same step, on
+        an empty batch too (another rank may have written). Its change carries no gradient (the
+        gradient is the EWMA's), and with ``l2_normalize`` the rows are unit-normalised again after it.
         """
         if empty:
             new = current
