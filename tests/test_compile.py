@@ -71,3 +71,13 @@ def test_fullgraph_training_step_captures_one_graph():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(deploy.loss_of)(model, (x,), y)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_a_training_step_with_the_decorrelating_write_captures_in_one_graph_and_matches_eager():
+    model = deploy.create_model('ait_small_patch4_32', num_classes=5, depth=1, memory_decorrelation=0.05, **TINY)
+    x = (torch.randn(4, 3, 16, 16),)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(deploy.loss_of)(copy.deepcopy(model), x, torch.arange(4))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    # loss, gradients and the written memory (EWMA and decorrelation step) as in eager mode
+    deploy.check_compiled_train_step(model, x, backend='aot_eager')

@@ -46,6 +46,9 @@ class GlobalWorkspaceLayer(nn.Module):
         cap_bottleneck: keep all patches when the pool is smaller than k (else an error).
         smoothing: EWMA weight of the old memory. memory_init: 'gaussian', 'uniform', 'identity'.
         memory_l2norm: unit-normalise memory rows after each write (the authors' code).
+        memory_decorrelation: after each write, one step of orthogonal iteration of this strength
+            turns the slots apart (not in the paper; 0, the default, is the paper's write). See
+            ``ExplicitMemory``; 0.05 keeps the priors distinct where the paper's write collapses them.
         write_drop: dropout on the write's output projection, before ``+ M`` and ``LN_m`` (the
             authors' module has 0.1; see ``AssociativeTransformer`` for why the default is 0).
         write_norm_eps: eps of ``LN_m``, the write's LayerNorm (1e-6, as the authors' code).
@@ -73,6 +76,7 @@ class GlobalWorkspaceLayer(nn.Module):
             smoothing: float = 0.9,
             memory_init: str = 'gaussian',
             memory_l2norm: bool = False,
+            memory_decorrelation: float = 0.0,
             beta: float = 1.0,
             hopfield_steps: int = 1,
             hopfield: bool = True,
@@ -103,7 +107,7 @@ class GlobalWorkspaceLayer(nn.Module):
             self.fc1 = self.act = self.drop1 = self.fc2 = nn.Identity()
         self.norm = nn.LayerNorm(dim)
         self.memory = ExplicitMemory(num_slots, slot_dim, init=memory_init, smoothing=smoothing,
-                                     l2_normalize=memory_l2norm)
+                                     l2_normalize=memory_l2norm, decorrelation=memory_decorrelation)
         self.write_attn = BottleneckAttention(dim, slot_dim, gwl_heads, bottleneck=bottleneck,
                                               cap_bottleneck=cap_bottleneck)
         self.write_drop = nn.Dropout(write_drop)
@@ -128,6 +132,7 @@ class GlobalWorkspaceLayer(nn.Module):
         return dict(
             bottleneck=self.write_attn.bottleneck, cap_bottleneck=self.write_attn.cap_bottleneck,
             smoothing=self.memory.smoothing, memory_init=self.memory.init, memory_l2norm=self.memory.l2_normalize,
+            memory_decorrelation=self.memory.decorrelation,
             hopfield=isinstance(read, HopfieldRetrieval), beta=getattr(read, 'beta', None),
             hopfield_steps=getattr(read, 'steps', None), feed_forward=isinstance(self.fc1, nn.Linear),
             write_drop=self.write_drop.p, write_norm_eps=self.write_norm.eps,

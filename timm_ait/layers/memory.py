@@ -5,14 +5,15 @@ that a training forward writes with an exponentially weighted moving average and
 frozen in eval.
 """
 import math
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'is_recomputing', 'mean_slot_cosine', 'memory_slot_similarity',
+__all__ = ['ExplicitMemory', 'MEMORY_INITS', 'decorrelation_step', 'is_recomputing', 'mean_abs_slot_cosine',
+           'mean_slot_cosine', 'memory_by_layer', 'memory_participation_rank', 'memory_slot_similarity',
            'skipped_memory_writes']
 
 MEMORY_INITS = ('gaussian', 'uniform', 'identity')
@@ -50,6 +51,24 @@ def _distributed_mean(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size(group)
 
 
+def decorrelation_step(memory: torch.Tensor, strength: float) -> torch.Tensor:
+    """The change one step of orthogonal iteration makes to ``memory`` (S, m): for each row M_i, with unit rows
+    ``u_i = M_i / |M_i|`` and cosines ``c_ij = u_i . u_j``, ``-strength |M_i| (I - u_i u_i^T) sum_{j != i} c_ij u_j``.
+
+    That is a descent step on the squared cosines between slots along each row's sphere, so to first order the
+    rows keep their lengths and only turn apart. The j = i term is along u_i, which the projection removes, so
+    the sum runs over all j. A zero row stays zero. Computed in float32 or wider, outside autocast (it is
+    tiny: S x S).
+    """
+    with torch.autocast(device_type=memory.device.type, enabled=False):
+        m = memory.to(torch.promote_types(memory.dtype, torch.float32))
+        norms = m.norm(dim=-1, keepdim=True)
+        unit = m / norms.clamp_min(1e-12)
+        push = (unit @ unit.t()) @ unit
+        tangent = push - (push * unit).sum(-1, keepdim=True) * unit
+        return (-strength * norms * tangent).to(memory.dtype)
+
+
 class ExplicitMemory(nn.Module):
     """A bank of ``num_slots`` low-rank priors of size ``slot_dim``, updated by EWMA.
 
@@ -62,6 +81,11 @@ class ExplicitMemory(nn.Module):
         l2_normalize: also scale each row of the written memory to unit length, as the
             authors' code does (their paper's equations do not). Off by default. The initial
             memory is not normalised either way (the authors' starts from raw N(0, 1)).
+        decorrelation: strength of one :func:`decorrelation_step` taken after every write, which turns
+            the slots apart (not in the paper; 0, the default, leaves the write exactly the paper's).
+            With frozen weights the EWMA write drives every slot to one direction (or a +-v pair):
+            all slots receive the same mean of the patches, and the slot-specific rest is repeated
+            through one shared map. This step counters both.
     """
 
     def __init__(
@@ -71,6 +95,7 @@ class ExplicitMemory(nn.Module):
             init: str = 'gaussian',
             smoothing: float = 0.9,
             l2_normalize: bool = False,
+            decorrelation: float = 0.0,
     ):
         super().__init__()
         if num_slots < 1 or slot_dim < 1:
@@ -79,11 +104,14 @@ class ExplicitMemory(nn.Module):
             raise ValueError(f'unknown memory_init {init!r}; expected one of {MEMORY_INITS}')
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f'memory smoothing must be in [0, 1], got {smoothing}')
+        if not 0.0 <= decorrelation <= 1.0:  # a NaN fails too
+            raise ValueError(f'memory decorrelation must be in [0, 1], got {decorrelation}')
         self.num_slots = num_slots
         self.slot_dim = slot_dim
         self.init = init
         self.smoothing = smoothing
         self.l2_normalize = l2_normalize
+        self.decorrelation = float(decorrelation)
         self.register_buffer('memory', torch.empty(num_slots, slot_dim))
         # how many writes were skipped as non-finite; not saved, read outside the graph (skipped_memory_writes)
         self.register_buffer('skipped_writes', torch.zeros((), dtype=torch.long), persistent=False)
@@ -131,6 +159,10 @@ class ExplicitMemory(nn.Module):
         value, so torch.compile captures it); each skip counts in :attr:`skipped_writes`, which
         :func:`skipped_memory_writes` reads outside the graph. ``empty``: the batch had no patches,
         so there is nothing to write (a rank with one passes its memory unchanged to the average).
+
+        With ``decorrelation`` the step follows the rank average, so every rank takes the same step, on
+        an empty batch too (another rank may have written). Its change carries no gradient (the
+        gradient is the EWMA's), and with ``l2_normalize`` the rows are unit-normalised again after it.
         """
         if empty:
             new = current
@@ -143,6 +175,10 @@ class ExplicitMemory(nn.Module):
             # forward: exactly the rank average (x - x is exactly 0), backward: the local gradient;
             # `new + (mean - new).detach()` would round differently on every rank
             new = mean + (new - new.detach())
+        if self.decorrelation:
+            new = new + decorrelation_step(new.detach(), self.decorrelation)
+            if self.l2_normalize:
+                new = nn.functional.normalize(new, dim=-1)
         finite = torch.isfinite(new).all()
         new = torch.where(finite, new, current.to(new.dtype))
         if not is_recomputing():
@@ -157,7 +193,7 @@ class ExplicitMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'num_slots={self.num_slots}, slot_dim={self.slot_dim}, init={self.init!r}, '
-                f'smoothing={self.smoothing}, l2_normalize={self.l2_normalize}')
+                f'smoothing={self.smoothing}, l2_normalize={self.l2_normalize}, decorrelation={self.decorrelation}')
 
 
 def skipped_memory_writes(model: nn.Module) -> int:
@@ -180,6 +216,46 @@ def mean_slot_cosine(memory: torch.Tensor) -> float:
     unit = nn.functional.normalize(memory.float(), dim=-1)
     cosines = unit @ unit.T
     return float(cosines.sum() - cosines.diagonal().sum()) / (num_slots * (num_slots - 1))
+
+
+@torch.no_grad()
+def mean_abs_slot_cosine(memory: torch.Tensor) -> float:
+    """Mean absolute cosine of the distinct pairs of rows of ``memory`` (S, m): 1 when every slot lies on one
+    line, including a memory split into +v and -v slots, whose mean cosine (:func:`mean_slot_cosine`) is about
+    0. For independent random directions in m dimensions it is E|u_1| = Gamma(m/2) / (sqrt(pi)
+    Gamma((m+1)/2)), about sqrt(2 / (pi m)). A zero row counts as cosine 0. 0 for a single slot."""
+    num_slots = memory.shape[0]
+    if num_slots < 2:
+        return 0.0
+    unit = nn.functional.normalize(memory.float(), dim=-1)
+    cosines = (unit @ unit.T).abs()
+    return float(cosines.sum() - cosines.diagonal().sum()) / (num_slots * (num_slots - 1))
+
+
+@torch.no_grad()
+def memory_participation_rank(memory: torch.Tensor) -> float:
+    """Participation ratio of the singular values s of ``memory`` (S, m): ``(sum s^2)^2 / sum s^4``.
+
+    How many directions hold the memory's energy: k for k orthogonal rows of equal length, exactly 1 for any
+    memory of rank one (one prior, or slots split into +v and -v), and about S m / (S + m + 1) for a raw
+    N(0, 1) memory (16 of 32 for 32 slots of 32). Unlike the entropy effective rank it needs no SVD:
+    ``sum s^2 = |M|_F^2`` and ``sum s^4 = |M^T M|_F^2``; weighting by s^4, it counts a dominant direction
+    as one even when many small ones remain. 0 for a zero memory.
+    """
+    m = memory.double()
+    energy = m.pow(2).sum()
+    if energy == 0:
+        return 0.0
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return float(energy ** 2 / gram.pow(2).sum())
+
+
+def memory_by_layer(model: nn.Module, measure: Callable[[torch.Tensor], float] = memory_participation_rank
+                    ) -> Dict[str, float]:
+    """``measure`` of the stored memory of every :class:`ExplicitMemory` in ``model``, by module name (in
+    model order, e.g. ``'blocks.0.mlp.memory'``); empty without a memory. ``measure`` is one of
+    :func:`memory_participation_rank`, :func:`mean_abs_slot_cosine`, :func:`mean_slot_cosine`."""
+    return {name: measure(m.memory) for name, m in model.named_modules() if isinstance(m, ExplicitMemory)}
 
 
 def memory_slot_similarity(model: nn.Module) -> Optional[float]:

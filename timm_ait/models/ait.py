@@ -103,9 +103,9 @@ class AssociativeTransformer(VisionTransformer):
     Args:
         gwl: False builds the ViT twin with the same dimensions (plain timm ``Mlp``).
         num_slots, slot_dim, gwl_heads, bottleneck, cap_bottleneck, smoothing, memory_init,
-        memory_l2norm, beta, hopfield_steps, hopfield, feed_forward, gwl_write_drop (its ``write_drop``),
-        gwl_write_norm_eps (its ``write_norm_eps``): see ``GlobalWorkspaceLayer``; ``bottleneck='none'`` is the
-        dense ablation.
+        memory_l2norm, memory_decorrelation, beta, hopfield_steps, hopfield, feed_forward, gwl_write_drop (its
+        ``write_drop``), gwl_write_norm_eps (its ``write_norm_eps``): see ``GlobalWorkspaceLayer``;
+        ``bottleneck='none'`` is the dense ablation.
         self_attn: False removes the blocks' self-attention (ablation).
         balance_loss_coef: weight of the GWL balance loss that a training forward adds to the backward of
             whatever loss is computed from the output (the paper's lambda); 0 turns it off.
