@@ -207,3 +207,47 @@ def test_validate_refuses_a_bad_model_setting_in_one_line(tmp_path, capsys, sett
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f'error: {message}\n'
     assert not (tmp_path / 'data').exists()
+
+
+def _with_read_scaled(run, path, factor):
+    """The run's checkpoint with every Hopfield read's up-projection (Y = M W + b) multiplied by ``factor``."""
+    state = torch.load(run.checkpoint, map_location='cpu', weights_only=False)
+    for key in list(state['state_dict']):
+        if '.mlp.read.up.' in key:
+            state['state_dict'][key] = state['state_dict'][key] * factor
+    state.pop('digest')
+    torch.save(state, path)
+    return path
+
+
+def test_memory_swaps_change_a_model_that_reads_its_memory_and_not_one_that_cannot(run, tmp_path):
+    """validate.py --memory-swaps. With the read's up-projection zeroed the read returns 0 whatever the memory
+    holds, so every swap must score exactly as the stored memory; with it scaled up the read dominates the
+    block's output, so a swapped memory must change the loss."""
+    common = ['--data-dir', run.data, '--num-samples', VAL_SAMPLES, '--memory-swaps']
+    blind = validate('--checkpoint', _with_read_scaled(run, tmp_path / 'blind.pth.tar', 0.0), *common)
+    assert {'rotated_memory_loss', 'random_orthogonal_memory_loss', 'collapsed_memory_loss',
+            'other_layer_memory_loss'} <= blind.keys()
+    for swap in ('rotated', 'random_orthogonal', 'collapsed', 'other_layer'):
+        assert blind[f'{swap}_memory_loss'] == blind['loss'] and blind[f'{swap}_memory_top1'] == blind['top1']
+    loud = validate('--checkpoint', _with_read_scaled(run, tmp_path / 'loud.pth.tar', 50.0), *common, 'collapsed',
+                    'rotated')
+    assert 'random_orthogonal_memory_loss' not in loud
+    for swap in ('collapsed', 'rotated'):
+        assert loud[f'{swap}_memory_loss'] != loud['loss'], (swap, loud)
+
+
+def test_train_logs_each_layers_memory_rank_and_mean_abs_cosine(run):
+    """summary.csv carries, per GWL, the memory's participation rank (between 1 and the slot count) and its mean
+    |cosine| between slots (in [0, 1]), recomputed here from the run's stored memory by first principles."""
+    state = torch.load(run.checkpoint, map_location='cpu', weights_only=False)['state_dict']
+    for i in range(2):
+        memory = state[f'blocks.{i}.mlp.memory.memory'].double()
+        s = torch.linalg.svdvals(memory) ** 2
+        rank = float(s.sum() ** 2 / (s ** 2).sum())
+        unit = torch.nn.functional.normalize(memory, dim=-1)
+        cos = (unit @ unit.T).abs()
+        n = memory.shape[0]
+        abs_cos = float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+        assert float(run.summary[f'train_memory_rank_blocks{i}']) == pytest.approx(rank, rel=1e-4)
+        assert float(run.summary[f'train_memory_abs_cos_blocks{i}']) == pytest.approx(abs_cos, abs=1e-5)

@@ -36,9 +36,7 @@ forward (with autograd) of each variant, interleaved in one run, as a ratio to `
 import argparse
 import ast
 import importlib.util
-import os
 import statistics
-import sys
 import time
 
 import numpy as np

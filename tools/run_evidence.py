@@ -45,6 +45,7 @@ import yaml
 
 from timm_ait.checkpoint import read_checkpoint
 from timm_ait.cpu_speed import CPU_TRAINING_ENV
+from timm_ait.layers._args import to_bool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,12 +81,20 @@ RUNS = (
         'ViT twin, seed 1'),
     Run('sort_of_clevr-no_bottleneck-seed0', f'{SOC}-no_bottleneck.yaml', 0, 'ablations', 'w/o bottleneck, seed 0'),
     Run('sort_of_clevr-no_hopfield-seed0', f'{SOC}-no_hopfield.yaml', 0, 'ablations', 'w/o Hopfield, seed 0'),
+    # the memory write: the paper's, the decorrelating one and the ViT twin, seed by seed so that a partial
+    # sweep has every arm at the same seeds
+    *(Run(f'triangle_tiny-{arm}-seed{seed}', f'triangle_tiny-{config}.yaml', seed, 'triangle_tiny', f'{label}, seed {seed}')
+      for seed in range(8)
+      for arm, config, label in (('paper', 'ait_tiny_patch32_64', 'paper write'),
+                                 ('decorrelation', 'ait_tiny_patch32_64-decorrelation', 'decorrelating write'),
+                                 ('vit', 'vit_tiny_patch32_64', 'ViT twin'))),
 )
 GROUPS = {
     'triangle': Group(('eval_top1',), 'Triangle: AiT-Small and its ViT twin, same CPU recipe',
                       ((PAPER_TRIANGLE_TOP1, 'paper, AiT-Small'),)),
     'sort_of_clevr': Group(('eval_relational_top1', 'eval_non_relational_top1'),
                            'Sort-of-CLEVR (CPU-scale AiT, width 256, patch 15) and its ViT twin'),
+    'triangle_tiny': Group(('eval_top1',), 'Triangle, tiny AiT at the demo budget: memory writes and the ViT twin'),
     # the full model's seed-0 run is drawn beside its ablations
     'ablations': Group(('eval_relational_top1', 'eval_non_relational_top1'),
                        'Sort-of-CLEVR ablations of the CPU-scale AiT, seed 0'),
@@ -144,6 +153,8 @@ def validate_command(python: str, run: Run, output: str, data_dir: str) -> List[
         command += ['--num-samples', str(args['val_num_samples'])]
     if args['dataset'] == 'sort-of-clevr':
         command += ['--sort-of-clevr-questions', 'all']
+    if to_bool('gwl', (args.get('model_kwargs') or {}).get('gwl', True)):
+        command += ['--memory-swaps']  # does the model use what its memory holds?
     return command
 
 

@@ -8,7 +8,9 @@ The loss is cross-entropy (:class:`timm_ait.train.task.AiTClassificationTask`); 
 term, ``balance_loss_coef`` (a model keyword, 1e-2 by default) times the bottleneck attention balance loss,
 to the backward itself. Each epoch's metrics, the balance loss among them, go
 to summary.csv in the run folder beside timm's columns, with the mean cosine between memory slots
-(train_memory_slot_cos: 1 when the memory has collapsed to one prior); checkpoints are written by timm's
+(train_memory_slot_cos: 1 when the memory has collapsed to one prior) and, per layer, the memory's
+participation rank and mean |cosine| between slots (train_memory_rank_blocks0, train_memory_abs_cos_blocks0,
+...: a memory split into +v and -v has a mean cosine near 0 but rank 1 and |cos| 1); checkpoints are written by timm's
 CheckpointSaver (atomically: a file is complete or absent), each with a digest of its contents that a
 resume checks. Every random draw of an epoch (data order, augmentation, dropout) is seeded by
 (--seed, epoch, rank), so a resumed run continues as the uninterrupted one would. A resume takes the
@@ -42,8 +44,8 @@ from ..data.factory import (
     QUESTION_ANSWERING, check_model_inputs, check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split,
 )
 from ..layers import (
-    GlobalWorkspaceLayer, memory_slot_similarity, reset_memory as reset_model_memory, set_balance_loss_scale,
-    skipped_memory_writes,
+    GlobalWorkspaceLayer, mean_abs_slot_cosine, memory_by_layer, memory_participation_rank, memory_slot_similarity,
+    reset_memory as reset_model_memory, set_balance_loss_scale, skipped_memory_writes,
 )
 from ..run_model import MODEL_SETTINGS, load_run_model, run_args
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
@@ -244,6 +246,11 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     return OrderedDict(avg)
 
 
+def _layer_name(memory_name: str) -> str:
+    """'blocks.0.mlp.memory' -> 'blocks0': a short, CSV-safe column suffix for a layer's memory."""
+    return memory_name.replace('.mlp.memory', '').replace('.', '')
+
+
 def check_finite(model, what: str) -> None:
     """A NonFiniteLossError if any weight or buffer of ``model`` is NaN or inf (nothing is saved then)."""
     broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -377,6 +384,11 @@ def _train(args, given, resume_state, device, output_dir):
         # so that a run resumed in parts still sums to its training time
         train_metrics['time_s'] = time.perf_counter() - started
         slot_similarity = memory_slot_similarity(model)
+        # per layer, measures a +-v split cannot fool: the memory's participation rank (1: collapsed to one
+        # direction, S for S orthogonal slots of one length) and the mean |cosine| between its slots
+        for measure, column in ((memory_participation_rank, 'memory_rank'), (mean_abs_slot_cosine, 'memory_abs_cos')):
+            for name, value in memory_by_layer(model, measure).items():
+                train_metrics[f'{column}_{_layer_name(name)}'] = value
         if slot_similarity is not None:
             # how far the EWMA write has pulled the priors together (1: every slot the same)
             train_metrics['memory_slot_cos'] = slot_similarity

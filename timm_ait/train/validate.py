@@ -25,6 +25,8 @@ from ..data.factory import (
     dataset_is_generated, resolve_split,
 )
 from ..data.sort_of_clevr import QUESTION_TYPES
+from ..layers import GlobalWorkspaceLayer
+from ..memory_probe import SWAPS, memory_swapped
 from ..run_model import LoadedRun, load_run_model
 from .evaluate import amp_context, evaluate, report_results
 
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--amp-dtype', default='bfloat16')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--memory-swaps', nargs='*', default=None, choices=SWAPS, metavar='SWAP',
+                        help=f"also evaluate with every GWL's memory swapped (one of {list(SWAPS)}; none given: "
+                             "all that apply): a model that uses its memory loses accuracy (timm_ait.memory_probe)")
     parser.add_argument('--results-file', default='',
                         help='also write the JSON here; it records which weights were measured (push_to_hub.py '
                              'checks them)')
@@ -109,6 +114,21 @@ def measured_weights(loaded: LoadedRun, args) -> dict:
                 weights_digest=content_digest(loaded.model.state_dict()))
 
 
+def memory_swap_metrics(model, loader, device, args, dataset, groups) -> dict:
+    """The evaluation again with every GWL's memory swapped, for each swap asked (the stored memory is put back)."""
+    memories = [m.memory.memory for m in model.modules() if isinstance(m, GlobalWorkspaceLayer)]
+    if not memories:
+        raise ValueError(f'--memory-swaps: {args.model} has no GlobalWorkspaceLayer, so no memory to swap')
+    one_shape = len(memories) > 1 and len({tuple(m.shape) for m in memories}) == 1
+    swaps = args.memory_swaps or [s for s in SWAPS if s != 'other_layer' or one_shape]
+    results = {}
+    for swap in swaps:
+        with memory_swapped(model, swap, seed=args.seed):
+            results[swap] = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
+                                     getattr(dataset, 'is_relational', None), groups)
+    return results
+
+
 def validate(args) -> dict:
     device = torch.device(args.device)
     loaded = load_model(args)
@@ -137,6 +157,9 @@ def validate(args) -> dict:
     start = time.time()
     metrics = evaluate(model, loader, device, amp_context(args.amp, args.amp_dtype, device),
                        getattr(dataset, 'is_relational', None), groups)
+    if args.memory_swaps is not None:
+        for swap, swapped in memory_swap_metrics(model, loader, device, args, dataset, groups).items():
+            metrics.update({f'{swap}_memory_{k}': v for k, v in swapped.items()})
     results = dict(
         model=args.model, **weights, pretrained=args.pretrained, dataset=args.dataset,
         split=args.split, num_samples=len(dataset),
