@@ -221,13 +221,25 @@ def test_the_model_keyword_reaches_every_memory_and_leaves_eval_as_it_was():
     assert not torch.equal(model.blocks[0].mlp.memory.memory, paper.blocks[0].mlp.memory.memory)
 
 
+class _Writer(torch.nn.Module):
+    """A memory written inside a DDP forward, the only place where its writes are averaged over ranks."""
+
+    def __init__(self, memory):
+        super().__init__()
+        self.memory, self.gain = memory, torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, current, candidate):
+        return self.memory.write(candidate * self.gain, current)
+
+
 def _write_on_rank(rank, world_size, rdzv, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{rdzv}', rank=rank, world_size=world_size)
     try:
         memory = ExplicitMemory(6, 5, decorrelation=0.2)
         current, candidate = _rank_inputs(rank)
-        memory.write(candidate, current)
+        DistributedDataParallel(_Writer(memory))(current, candidate)
         torch.save(memory.memory, os.path.join(out_dir, f'rank{rank}.pth'))
     finally:
         dist.destroy_process_group()

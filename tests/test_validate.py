@@ -153,7 +153,8 @@ def test_validate_without_dataset_evaluates_the_image_folder_its_run_trained_on(
 def test_pretrained_weights_offline_fail_in_one_line_naming_the_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING'))}
     env.update(HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
-    for script, extra in (('validate.py', ['--dataset', 'triangle']), ('analyze.py', [])):
+    for script, extra in (('validate.py', ['--dataset', 'triangle']), ('analyze.py', []),
+                          ('train.py', ['--dataset', 'triangle', '--output', tmp_path / 'runs'])):
         proc = run_script(os.path.join(REPO, 'train_scripts', script), '--model', MODEL, '--pretrained', *extra,
                           '--data-dir', tmp_path / 'data', check=False, env=env)
         assert proc.returncode == 2, proc.stderr
@@ -162,6 +163,7 @@ def test_pretrained_weights_offline_fail_in_one_line_naming_the_model(tmp_path):
             'Download them once with network access' in last, proc.stderr
         assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'data').exists()
+    assert not any((tmp_path / 'runs').iterdir())  # train.py let go of its run folder
 
 
 def test_a_full_disk_while_writing_results_is_one_line_naming_the_file(run, tmp_path, capsys):

@@ -25,6 +25,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from timm.utils import ParseKwargs
 
+from .hub import PretrainedDownloadError
 from .analysis import analyze, check_analysable, require_matplotlib, save_analysis
 from .run_model import load_run_model
 
@@ -121,17 +122,6 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a bad request ends in one line and exit code 2."""
     try:
         main(argv)
-    except (ValueError, TypeError, OSError) as e:  # TypeError: a model keyword it does not take; OSError: files
+    except (ValueError, TypeError, OSError, PretrainedDownloadError) as e:  # TypeError: a keyword it does not take
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as e:
-        if not hub_download_failed(e):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-
-
-def hub_download_failed(error: RuntimeError) -> bool:
-    """Whether ``error`` is the one-line explanation of a failed download of pretrained weights, which
-    timm_ait.hub raises from huggingface_hub's own error."""
-    return type(error.__cause__).__module__.split('.')[0] == 'huggingface_hub'

@@ -3,7 +3,7 @@ import re
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional
 
-__all__ = ["HF_HUB_ORG", "hf_hub_id", "explain_download_errors"]
+__all__ = ["HF_HUB_ORG", "hf_hub_id", "explain_download_errors", "PretrainedDownloadError"]
 
 HF_HUB_ORG = "timm-ait"
 
@@ -57,6 +57,10 @@ def _explain(variant: str, error: BaseException, repo: Optional[str]) -> str:
     return head + str(error)
 
 
+class PretrainedDownloadError(RuntimeError):
+    """Pretrained weights could not be downloaded; the message names the model, the repo and a remedy."""
+
+
 @contextmanager
 def explain_download_errors(variant: str, build_kwargs: Optional[Dict[str, Any]] = None) -> Iterator[None]:
     """Re-raise huggingface_hub's download errors as one that names the model, the repo and a remedy.
@@ -69,4 +73,4 @@ def explain_download_errors(variant: str, build_kwargs: Optional[Dict[str, Any]]
     try:
         yield
     except (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:
-        raise RuntimeError(_explain(variant, e, _repo_of(variant, build_kwargs or {}))) from e
+        raise PretrainedDownloadError(_explain(variant, e, _repo_of(variant, build_kwargs or {}))) from e

@@ -43,6 +43,7 @@ from ..checkpoint import DigestCheckpointSaver, model_state_dict, read_checkpoin
 from ..data.factory import (
     QUESTION_ANSWERING, check_model_inputs, check_num_classes, create_ait_dataset, dataset_needs_no_aug, resolve_split,
 )
+from ..hub import PretrainedDownloadError
 from ..layers import (
     GlobalWorkspaceLayer, mean_abs_slot_cosine, memory_by_layer, memory_participation_rank, memory_slot_similarity,
     reset_memory as reset_model_memory, set_balance_loss_scale, skipped_memory_writes,
@@ -433,7 +434,7 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a bad request or a divergence ends in one line and an exit code."""
     try:
         main(argv)
-    except (ValueError, OSError) as e:  # bad requests; OSError: missing or existing files, a failed download
+    except (ValueError, OSError, PretrainedDownloadError) as e:  # bad requests; missing files; a failed download
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:

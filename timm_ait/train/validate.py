@@ -25,6 +25,7 @@ from ..data.factory import (
     dataset_is_generated, resolve_split,
 )
 from ..data.sort_of_clevr import QUESTION_TYPES
+from ..hub import PretrainedDownloadError
 from ..layers import GlobalWorkspaceLayer
 from ..memory_probe import SWAPS, memory_swapped
 from ..run_model import LoadedRun, load_run_model
@@ -189,17 +190,6 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a bad request ends in one line and exit code 2."""
     try:
         main(argv)
-    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, a failed download
+    except (ValueError, TypeError, OSError, PretrainedDownloadError) as e:  # OSError: missing files, a failed download
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as e:
-        if not hub_download_failed(e):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
-
-
-def hub_download_failed(error: RuntimeError) -> bool:
-    """Whether ``error`` is the one-line explanation of a failed download of pretrained weights (--pretrained),
-    which timm_ait.hub raises from huggingface_hub's own error."""
-    return type(error.__cause__).__module__.split('.')[0] == 'huggingface_hub'
