@@ -116,3 +116,15 @@ def test_a_resume_repairs_the_best_file_a_kill_in_timms_order_left_older(tmp_pat
     (tmp_path / 'model_best.pth.tar').write_bytes((tmp_path / 'checkpoint-1.pth.tar').read_bytes())
     save_epoch(tmp_path, 2, state)
     assert epoch_of(tmp_path / 'model_best.pth.tar') == 2
+
+
+def test_a_full_disk_during_a_save_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', full)
+    with pytest.raises(OSError, match=r"cannot write checkpoint '.*\.pth\.tar'.*No space left on device") as error:
+        save_epoch(tmp_path, 0).save_checkpoint(0, METRICS[0])
+    assert error.value.errno == errno.ENOSPC

@@ -347,6 +347,13 @@ EMA_SUMMARY = """epoch,train_loss,eval_loss,eval_top1,eval_top5,eval_ema_loss,ev
 """
 
 
+def test_epochs_before_ema_was_added_at_a_resume_are_left_out_of_the_ema_figures(tmp_path):
+    summary = tmp_path / 'summary.csv'  # --model-ema added at the resume of epoch 1: epoch 0 has empty EMA cells
+    summary.write_text(EMA_SUMMARY.replace('0,0.7,0.69,51.00,100.0,0.69,50.00,100.0', '0,0.7,0.69,51.00,100.0,,,'))
+    result = read_summary(str(summary), ema=True)
+    assert result['best'] == dict(epoch=2, top1=88.5) and result['num_epochs'] == 3
+
+
 def test_the_card_of_ema_weights_shows_the_ema_accuracies(tmp_path):
     weights = load_file(FIXTURE / 'model.safetensors')
     checkpoint = make_checkpoint(tmp_path / 'run', state_dict=weights, ema_state_dict=weights, summary=EMA_SUMMARY)

@@ -199,10 +199,14 @@ class DigestCheckpointSaver(CheckpointSaver):
         save_state['saver'] = self.state_dict(epoch, metric)
         if os.path.lexists(save_path):  # a killed save's file, maybe a hard link to a kept one: never write through it
             os.unlink(save_path)
-        with open(save_path, 'wb') as f:
-            torch.save(with_digest(save_state), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(save_path, 'wb') as f:
+                torch.save(with_digest(save_state), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # a full disk: torch's own error does not name the file
+            errno = getattr(e, 'errno', None) or getattr(e.__cause__, 'errno', None)
+            raise OSError(errno, f'cannot write checkpoint {save_path!r}: {e}') from e
 
     def _replace(self, src, dst):
         os.replace(src, dst)  # atomic: dst is the old file or the new one, never missing

@@ -110,6 +110,8 @@ def read_summary(path: str, ema: bool = False) -> Dict[str, Any]:
     columns = [key for key in _ACCURACIES if f'{prefix}{key}' in rows[0]]
     rows = list({int(row['epoch']): row for row in rows}.values())  # the last row of each epoch
     rows.sort(key=lambda row: int(row['epoch']))
+    if ema:  # epochs before --model-ema was added at a resume have no EMA accuracies
+        rows = [row for row in rows if row.get(f'{prefix}top1') not in (None, '')]
 
     def epoch(row):
         return dict(epoch=int(row['epoch']), **{key: float(row[f'{prefix}{key}']) for key in columns})
