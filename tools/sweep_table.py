@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""The table of a seed sweep of tools/run_evidence.py: each arm's final accuracy, updates to a target
+accuracy, memory rank and the memory-swap probe, as mean and 95% confidence interval over its seeds, and
+each arm's difference from a reference arm (Welch's interval).
+
+    python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
+
+Reads docs/results/<group>-<arm>-seed<N>/ (summary.csv and validate.json, as run_evidence.py writes them);
+prints a markdown table and writes it, with one row per run, to docs/results/<group>.csv.
+"""
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import statistics
+from typing import Dict, List, Optional
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (larger: the normal's 1.96)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t95(df: float) -> float:
+    if df >= 30:
+        return 1.96 if df > 120 else 2.0
+    return _T95[max(k for k in _T95 if k <= max(1, int(df)))]
+
+
+def mean_ci(values: List[float]) -> str:
+    if not values:
+        return 'n/a'
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return f'{m:.2f} (n=1)'
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return f'{m:.2f} +- {half:.2f} (n={len(values)})'
+
+
+def welch(a: List[float], b: List[float]) -> str:
+    """Mean of a - b with Welch's 95% interval."""
+    if len(a) < 2 or len(b) < 2:
+        return 'n/a'
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.mean(a) - statistics.mean(b)
+    if va + vb == 0:
+        return f'{diff:+.2f} +- 0.00'
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return f'{diff:+.2f} +- {t95(df) * math.sqrt(va + vb):.2f}'
+
+
+def read_run(folder: str, target: float) -> Optional[Dict[str, float]]:
+    summary, results = os.path.join(folder, 'summary.csv'), os.path.join(folder, 'validate.json')
+    if not (os.path.isfile(summary) and os.path.isfile(results)):
+        return None
+    with open(summary, newline='') as f:
+        rows = list(csv.DictReader(f))
+    with open(results) as f:
+        validation = json.load(f)
+    reached = [int(r['epoch']) + 1 for r in rows if float(r['eval_top1']) >= target]
+    last = rows[-1]
+    run = dict(top1=validation['top1'], epochs_to_target=float(reached[0]) if reached else float('nan'))
+    for key, value in last.items():
+        if key.startswith(('train_memory_rank_', 'train_memory_abs_cos_')) and value:
+            run[key[len('train_'):]] = float(value)
+    for key, value in validation.items():
+        if key.endswith('_memory_top1'):
+            run[f'{key[:-len("_memory_top1")]}_swap_drop'] = validation['top1'] - value
+    return run
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--group', required=True, help='the runs docs/results/<group>-<arm>-seed<N>')
+    parser.add_argument('--reference', required=True, help='the arm the others are compared with')
+    parser.add_argument('--target', type=float, default=75.0, help='eval top-1 whose first epoch is reported')
+    parser.add_argument('--results-dir', default=os.path.join('docs', 'results'))
+    args = parser.parse_args(argv)
+    runs: Dict[str, Dict[int, Dict[str, float]]] = {}
+    for folder in sorted(glob.glob(os.path.join(args.results_dir, f'{args.group}-*-seed*'))):
+        found = re.fullmatch(rf'{re.escape(args.group)}-(.+)-seed(\d+)', os.path.basename(folder))
+        run = read_run(folder, args.target) if found else None
+        if run is not None:
+            runs.setdefault(found.group(1), {})[int(found.group(2))] = run
+    if args.reference not in runs:
+        raise SystemExit(f'error: no finished run of arm {args.reference!r} under {args.results_dir}/{args.group}-*')
+    keys = sorted({k for arm in runs.values() for run in arm.values() for k in run})
+    lines = [f'| arm | seeds | {" | ".join(keys)} | top1 - {args.reference} |',
+             '|' + '---|' * (len(keys) + 3)]
+    for arm, seeds in sorted(runs.items()):
+        cells = [mean_ci([r[k] for r in seeds.values() if k in r and not math.isnan(r[k])]) for k in keys]
+        versus = welch([r['top1'] for r in seeds.values()], [r['top1'] for r in runs[args.reference].values()])
+        lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | '
+                     f'{"" if arm == args.reference else versus} |')
+    table = '\n'.join(lines)
+    with open(os.path.join(args.results_dir, f'{args.group}.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['arm', 'seed', *keys])
+        for arm, seeds in sorted(runs.items()):
+            for seed, run in sorted(seeds.items()):
+                writer.writerow([arm, seed, *[run.get(k, '') for k in keys]])
+    print(table)
+    return table
+
+
+if __name__ == '__main__':
+    main()
