@@ -191,3 +191,21 @@ def test_nothing_below_imports_from_above():
 def test_torch_load_is_called_in_one_module():
     callers = [m for m, p in _modules() if 'torch.load(' in open(p).read()]
     assert callers == ['timm_ait.checkpoint'], callers
+
+
+def test_a_hub_folder_that_recorded_the_dense_ablation_as_none_gets_one_line(tmp_path):
+    """Earlier versions wrote bottleneck=None into config.json; read back it must not silently build top-k."""
+    import json
+    from timm.models import save_for_hf
+    model = timm.create_model('ait_small_patch4_32', **{**TINY, 'bottleneck': 'none'})
+    save_for_hf(model, str(tmp_path / 'hub'), safe_serialization=True)
+    config = json.loads((tmp_path / 'hub' / 'config.json').read_text())
+    assert config['model_args']['bottleneck'] == 'none'  # what is written now
+    config['model_args']['bottleneck'] = None
+    (tmp_path / 'hub' / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="bottleneck=None is ambiguous.*pass bottleneck='none'"):
+        timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True)
+    dense = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True, bottleneck='none')
+    assert dense.blocks[0].mlp.write_attn.bottleneck is None
+    for key, value in model.state_dict().items():
+        assert torch.equal(dense.state_dict()[key], value), key

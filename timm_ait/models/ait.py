@@ -134,8 +134,10 @@ class AssociativeTransformer(VisionTransformer):
         gwl_kwargs = {name: kwargs.pop(name) for name in GWL_ARGS if name in kwargs}
         gwl_kwargs.update({name: kwargs.pop(alias) for alias, name in _GWL_ALIASES.items() if alias in kwargs})
         if gwl_kwargs.get('bottleneck', 0) is None:
-            raise ValueError("bottleneck=None is ambiguous (timm.create_model drops None arguments, so it builds the "
-                             "default top-k); write bottleneck='none' for the dense ablation")
+            raise ValueError("bottleneck=None is ambiguous: timm.create_model drops a None argument (the default "
+                             "top-k), while configs of earlier timm-ait versions record the dense ablation as None; "
+                             "pass bottleneck='none' for the dense ablation (e.g. create_model('hf-hub:...', "
+                             "pretrained=True, bottleneck='none')) or an integer k")
         if ablation is not None:
             if ablation not in ABLATIONS:
                 raise ValueError(f'unknown ablation {ablation!r}; expected one of {sorted(ABLATIONS)}')
