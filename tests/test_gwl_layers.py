@@ -12,7 +12,7 @@ from timm_ait.layers import (
 
 
 def reference_bottleneck(attn: BottleneckAttention, memory, patches):
-    """The bottleneck attention written out head by head, as SPEC.md states it."""
+    """The bottleneck attention written out head by head, as the paper's equations 1-3 state it."""
     H, d = attn.num_heads, attn.head_dim
     q = memory @ attn.q.weight.t()
     k = patches @ attn.k.weight.t()

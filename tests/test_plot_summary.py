@@ -1,4 +1,4 @@
-"""train_scripts/plot_summary.py draws summary.csv files (fixtures from real train.py runs) into a PNG."""
+"""tools/plot_summary.py draws summary.csv files (fixtures from real train.py runs) into a PNG."""
 import csv
 import struct
 import sys

@@ -28,7 +28,7 @@ def test_fused_attention_counts_like_the_unfused_products():
 
 
 def test_ait_eval_costs_about_one_percent_more_than_its_vit_twin_and_writes_nothing():
-    # SPEC: eval is ViT plus LN_g and the Hopfield read, about 1% more FLOPs
+    # the paper: eval is ViT plus LN_g and the Hopfield read, about 1% more FLOPs
     ait, vit = (timm.create_model('ait_small_patch4_32', gwl=gwl).train() for gwl in (True, False))
     memory = ait.blocks[0].mlp.memory.memory.clone()
     ratio = profile_model(ait)['gmacs'] / profile_model(vit)['gmacs']

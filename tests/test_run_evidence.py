@@ -1,4 +1,4 @@
-"""train_scripts/run_evidence.py: its configs, resuming a stopped run, and one run end to end at tiny size."""
+"""tools/run_evidence.py: its configs, resuming a stopped run, and one run end to end at tiny size."""
 import json
 import sys
 from pathlib import Path

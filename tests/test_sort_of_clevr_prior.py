@@ -1,4 +1,4 @@
-"""train_scripts/sort_of_clevr_prior.py: the question-only floor, against a count done by hand."""
+"""tools/sort_of_clevr_prior.py: the question-only floor, against a count done by hand."""
 import json
 import sys
 from collections import Counter

@@ -35,7 +35,7 @@ KEEP_FREED_MEMORY_ENV: Dict[str, str] = {
     'MALLOC_TRIM_THRESHOLD_': str(NEVER_TRIM),
 }
 
-# The environment of the CPU training runs (train_scripts/run_evidence.py), with train.py in fp32 and
+# The environment of the CPU training runs (tools/run_evidence.py), with train.py in fp32 and
 # --workers 0: freed memory kept, and OpenMP threads that sleep rather than spin while they wait
 # (libgomp's OMP_WAIT_POLICY). Spinning threads that lose their core to another process stall every
 # parallel region: two threads on this 2-core machine, shared, trained 1.7-4x slower spinning than

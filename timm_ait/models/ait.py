@@ -623,7 +623,7 @@ _SIZES = dict(
     medium=dict(embed_dim=768, depth=6, num_heads=12),
     base=dict(embed_dim=768, depth=12, num_heads=12),
 )
-# per dataset: image and patch size, bottleneck k and memory slots (SPEC / paper Table 7);
+# per dataset: image and patch size, bottleneck k and memory slots (paper Table 7);
 # num_classes comes from the pretrained cfg of the tag asked for, as in timm
 _CIFAR = dict(img_size=32, patch_size=4, bottleneck=512, num_slots=32)
 _TRIANGLE = dict(img_size=64, patch_size=32, bottleneck=64, num_slots=32)

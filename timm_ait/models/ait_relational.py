@@ -210,7 +210,7 @@ default_cfgs = generate_default_cfgs({
     **_sort_of_clevr_cfg('ait_base_patch5_75'),
 })
 
-# SPEC / paper Table 7 and Appendix C: 75x75, patch 5 (225 patches), k = 256, 32 slots
+# paper Table 7 and Appendix C: 75x75, patch 5 (225 patches), k = 256, 32 slots
 _SORT_OF_CLEVR = dict(img_size=75, patch_size=5, bottleneck=256, num_slots=32)
 
 
