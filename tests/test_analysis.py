@@ -184,3 +184,17 @@ def test_analyze_script_without_matplotlib_says_how_to_install(monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # makes the import fail
     with pytest.raises(SystemExit, match="pip install 'timm-ait\\[analysis\\]'"):
         analyze_script.main(['--output', str(tmp_path)])
+
+
+def test_a_memory_split_into_plus_and_minus_v_is_reported_collapsed():
+    """Half the slots v, half -v: the mean cosine is about 0, yet every slot lies on one line (rank 1, |cos| 1)."""
+    model = tiny_model()
+    v = torch.randn(8)
+    signs = torch.tensor([1., -1., 1., -1., 1., -1.])[:, None]
+    with torch.no_grad():
+        model.blocks[0].mlp.memory.memory.copy_(signs * v)
+    layers = analyze(model, torch.randn(2, 3, 16, 16))
+    first = layers[0]
+    assert abs(first.memory_slot_cosine) < 0.25  # (3 * 2 same-sign pairs - 9 * 2 opposite) / 30 = -0.2
+    assert first.memory_abs_cosine == pytest.approx(1.0, abs=1e-5) and first.memory_rank == pytest.approx(1.0, abs=1e-4)
+    assert layers[1].memory_rank > 2 and layers[1].memory_abs_cosine < 0.6  # the untouched random memory

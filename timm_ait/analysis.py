@@ -23,7 +23,7 @@ from torch import nn
 
 from .layers import (
     BottleneckGates, GlobalWorkspaceLayer, HopfieldRetrieval, balance_loss_from_gates, hopfield_energy,
-    mean_slot_cosine,
+    mean_slot_cosine, mean_abs_slot_cosine, memory_participation_rank,
 )
 
 __all__ = [
@@ -192,6 +192,8 @@ class LayerAnalysis:
     diversity: float
     diversity_ceiling: float
     memory_slot_cosine: float  # mean cosine between the priors; 1 when the memory has collapsed to one
+    memory_abs_cosine: float  # mean |cosine|: also 1 for a memory split into +v and -v
+    memory_rank: float  # participation rank of the memory: 1 when every prior lies on one line
     balance_loss: float  # of the gates, as training sees it (AiT eq. 4-6)
     energy_before: Optional[torch.Tensor]  # (B, N); None without a Hopfield read
     energy_after: Optional[torch.Tensor]
@@ -205,6 +207,8 @@ class LayerAnalysis:
             diversity=self.diversity,
             diversity_ceiling=self.diversity_ceiling,
             memory_slot_cosine=self.memory_slot_cosine,
+            memory_abs_cosine=self.memory_abs_cosine,
+            memory_rank=self.memory_rank,
             balance_loss=self.balance_loss,
             chance_frequency=self.chance_frequency,
             attention=self.attention.tolist(),
@@ -251,6 +255,8 @@ def analyze(model: nn.Module, images: torch.Tensor, questions: Optional[torch.Te
             diversity=diversity_score(record.gates),
             diversity_ceiling=min(record.gates.num_patches, slots * per_slot) / (slots * per_slot),
             memory_slot_cosine=mean_slot_cosine(record.memory),
+            memory_abs_cosine=mean_abs_slot_cosine(record.memory),
+            memory_rank=memory_participation_rank(record.memory),
             balance_loss=balance_loss_from_gates(record.gates).item(),
             energy_before=None if energy_before is None else energy_before.cpu(),
             energy_after=None if energy_after is None else energy_after.cpu(),

@@ -114,7 +114,8 @@ def main(argv=None):
         energy_text = ('' if layer.energy_before is None else
                        f', mean energy {layer.energy_before.mean():.3f} -> {layer.energy_after.mean():.3f}')
         print(f'{layer.name}: diversity {layer.diversity:.3f} (ceiling {layer.diversity_ceiling:.3f}), '
-              f'slot cosine {layer.memory_slot_cosine:.3f}, balance loss {layer.balance_loss:.1f}{energy_text}')
+              f'slot cosine {layer.memory_slot_cosine:.3f} (|cos| {layer.memory_abs_cosine:.3f}, rank '
+              f'{layer.memory_rank:.2f}), balance loss {layer.balance_loss:.1f}{energy_text}')
     print('wrote ' + ', '.join(paths))
 
 
