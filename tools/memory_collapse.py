@@ -202,7 +202,7 @@ def run_models(args):
                               for name, (rank, cos) in values.items())
             print(f'{variant:16s} {step:5d}  {cells}', flush=True)
     if args.cost:
-        ratios = forward_cost(args, args.variants)
+        ratios = forward_cost(args, args.variants, rounds=args.cost_rounds)
         print('training-mode forward time, ratio to ' + args.variants[0] + ': '
               + '  '.join(f'{v}: {r:.3f}' for v, r in ratios.items()), flush=True)
 
@@ -226,6 +226,7 @@ def main():
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--variants', nargs='+', default=['paper', 'decorrelate=0.05', 'centre', 'polar=0.05'])
     parser.add_argument('--cost', action='store_true', help='also time a training-mode forward of each variant')
+    parser.add_argument('--cost-rounds', type=int, default=15, help='interleaved timing rounds of --cost')
     parser.add_argument('--threads', type=int, default=1)
     args = parser.parse_args()
     if args.model:

@@ -48,7 +48,8 @@ class GlobalWorkspaceLayer(nn.Module):
         memory_l2norm: unit-normalise memory rows after each write (the authors' code).
         memory_decorrelation: after each write, one step of orthogonal iteration of this strength
             turns the slots apart (not in the paper; 0, the default, is the paper's write). See
-            ``ExplicitMemory``; 0.05 keeps the priors distinct where the paper's write collapses them.
+            ``ExplicitMemory``. With frozen weights, 0.05 keeps the priors distinct where the paper's
+            write collapses them to one; with ``memory_l2norm`` it takes about 0.2 to do as well.
         write_drop: dropout on the write's output projection, before ``+ M`` and ``LN_m`` (the
             authors' module has 0.1; see ``AssociativeTransformer`` for why the default is 0).
         write_norm_eps: eps of ``LN_m``, the write's LayerNorm (1e-6, as the authors' code).
