@@ -472,7 +472,7 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
      ["Each block keeps timm's pre-norm self-attention and replaces the MLP with a Global Workspace Layer: a "
       'bottleneck attention (top-k patches per slot) writes', 'a Hopfield network reads it back',
       'Paper:** Associative Transformer', 'arXiv:2309.12862'],
-     ['ablation', 'n/a (cross-attention read)', '2406.12220', 'Karakida']),
+     ['ablation', 'n/a (cross-attention read)', '2406.12220', 'Karakida', 'memory_decorrelation']),
     ('ait_small_patch4_32', dict(self_attn=False, embed_dim=32, num_heads=2), 'torch/cifar10',
      ["Each block has no self-attention (the paper's 'W/O SA' ablation), only a pre-norm Global Workspace Layer: "
       'a bottleneck attention'], ['self-attention and replaces', 'feed-forward', 'Reset Memory']),
@@ -496,6 +496,8 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
     ('ait_small_patch4_32', dict(ablation='no_bottleneck', embed_dim=32, num_heads=2), 'torch/cifar10',
      ['a dense attention over all tokens (no bottleneck', 'Bottleneck k: none', 'a Hopfield network reads'],
      ['a bottleneck attention', 'no Hopfield']),
+    ('ait_small_patch4_32', dict(memory_decorrelation=0.05, embed_dim=32, num_heads=2), 'torch/cifar10',
+     ["Its memory write is not the paper's", '`memory_decorrelation=0.05`'], ['Reset Memory']),
 ])
 def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, present, absent):
     model = timm.create_model(model_name, **kwargs)

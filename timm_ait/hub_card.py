@@ -50,6 +50,9 @@ _AIT_READ = {True: 'a Hopfield network',
              False: 'a multi-head cross-attention (no Hopfield, the paper\'s ablation)'}
 _RESET_MEMORY = (" In training the memory was re-initialised at the start of every epoch (the paper's 'Reset Memory' "
                  'ablation); the published memory is the one its last epoch wrote.')
+_DECORRELATION = (' Its memory write is not the paper\'s: after every write the memory takes one step of orthogonal '
+                  'iteration (`memory_decorrelation={strength:g}`), which keeps its priors from collapsing to one; '
+                  'whether that helps is measured in the project\'s docs/results.md.')
 _NO_SELF_ATTENTION = " Its blocks have no self-attention (`self_attn=False`)."
 _VIT_TWIN = ('The ViT twin of an Associative Transformer (AiT) {task}, trained on {dataset} with timm-ait: the '
              'same model with timm\'s MLP in place of the Global Workspace Layer (`gwl=False`), the baseline the '
@@ -211,6 +214,8 @@ def _describe(model: nn.Module, dataset_title: str) -> Dict[str, str]:
                                   read=_AIT_READ[hasattr(gwl.read, 'beta')])
         if getattr(model, 'memory_reset_each_epoch', False):
             description += _RESET_MEMORY
+        if gwl.memory.decorrelation:
+            description += _DECORRELATION.format(strength=gwl.memory.decorrelation)
         details = ['- **Global Workspace Layer:**'] + [f'  - {k}: {v}' for k, v in settings]
     else:
         description = _VIT_TWIN.format(task=task, dataset=dataset_title)
