@@ -33,17 +33,28 @@ def test_every_model_family_is_traced():
     assert 'ait_small_patch5_75' in MODELS  # the question-answering AiT, two inputs
 
 
+# the logits are compared on real weights for the models under this size; the larger ones are traced with their
+# weights on the meta device (tracing runs no kernel), which keeps the test to seconds
+NUMERIC_MAX_PARAMS = 20e6
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_symbolic_trace_gives_the_eager_logits_and_keeps_the_input_check(name):
     torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+    with torch.device('meta'):
+        model = timm.create_model(name).eval()
+    numeric = sum(p.numel() for p in model.parameters()) < NUMERIC_MAX_PARAMS
+    if numeric:
+        model = timm.create_model(name).eval()
     C, H, W = model.pretrained_cfg['input_size']
     inputs = _inputs(model, torch.randn(1, C, H, W))
 
     traced = torch.fx.symbolic_trace(model)
-    with torch.no_grad():
-        assert torch.equal(traced(*inputs), model(*inputs))
+    if numeric:
+        with torch.no_grad():
+            assert torch.equal(traced(*inputs), model(*inputs))
 
+    # the checks run before any weight is touched, so they raise on meta weights too
     one_channel = _inputs(model, torch.randn(2, 1, H, W))
     assert _error(traced, *one_channel) == _error(model, *one_channel)
     smaller = _inputs(model, torch.randn(2, C, H // 2, W // 2))

@@ -270,8 +270,9 @@ def test_offline_without_cache_fails_clearly(tmp_path):
     result = run(['-c', PRETRAINED], client_env(tmp_path, HF_HUB_OFFLINE='1'), check=False)
     assert result.returncode != 0
     error = last_line(result.stderr)
-    assert error.startswith("RuntimeError: cannot load the pretrained weights of 'ait_tiny_patch32_64' from Hub "
-                            f"repo {REPO_ID} at https://huggingface.co"), error
+    # a RuntimeError (PretrainedDownloadError) that scripts can catch by class
+    assert error.startswith("timm_ait.hub.PretrainedDownloadError: cannot load the pretrained weights of "
+                            f"'ait_tiny_patch32_64' from Hub repo {REPO_ID} at https://huggingface.co"), error
     assert str(tmp_path / 'hf_home') in error and 'HF_HUB_OFFLINE is set' in error
     assert 'LocalEntryNotFoundError' in result.stderr  # huggingface_hub's error stays attached as the cause
 
