@@ -81,6 +81,12 @@ RUNS = (
         'ViT twin, seed 1'),
     Run('sort_of_clevr-no_bottleneck-seed0', f'{SOC}-no_bottleneck.yaml', 0, 'ablations', 'w/o bottleneck, seed 0'),
     Run('sort_of_clevr-no_hopfield-seed0', f'{SOC}-no_hopfield.yaml', 0, 'ablations', 'w/o Hopfield, seed 0'),
+    # Sort-of-CLEVR: the decorrelating write at seeds 0-2, and seed 2 of the paper's write and of the twin
+    Run('sort_of_clevr-ait-seed2', f'{SOC}.yaml', 2, 'sort_of_clevr', 'AiT, seed 2'),
+    Run('sort_of_clevr-vit-seed2', 'sort_of_clevr-vit_small_w256_patch15_75.yaml', 2, 'sort_of_clevr',
+        'ViT twin, seed 2'),
+    *(Run(f'sort_of_clevr-decorrelation-seed{seed}', f'{SOC}-decorrelation.yaml', seed, 'sort_of_clevr',
+          f'AiT, decorrelating write, seed {seed}') for seed in range(3)),
     # the memory write: the paper's, the decorrelating one and the ViT twin, seed by seed so that a partial
     # sweep has every arm at the same seeds
     *(Run(f'triangle_tiny-{arm}-seed{seed}', f'triangle_tiny-{config}.yaml', seed, 'triangle_tiny', f'{label}, seed {seed}')
