@@ -14,8 +14,9 @@ What is measured, per model and per mode (inference, train):
   ``--num-warm-iter`` untimed steps before a model's first run of a mode. Reported: the median
   run, the fastest run and the range. Time ratios: the median of the per-repeat ratios, with
   a 95% bootstrap interval, and the ratio of the fastest runs (other jobs only ever slow a run
-  down, so with enough repeats the fastest runs are the least disturbed). A training step is forward, loss (cross-entropy,
-  and the GWL's own balance term, 1e-2 times its balance loss, when the model has one), backward and an AdamW step.
+  down, so with enough repeats the fastest runs are the least disturbed). A training step is forward,
+  loss (cross-entropy, and the GWL's own balance term, 1e-2 times its balance loss, when the model has
+  one), backward and an AdamW step.
   Both wall-clock time and this process's CPU time (all its threads) are taken: on a machine
   shared with other jobs, CPU time leaves out the time spent waiting for a core, so its ratios
   are steadier (use ``--threads 1`` there, as waiting OpenMP threads spin and count as CPU
@@ -73,7 +74,6 @@ from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value
 from timm.utils import ParseKwargs
 
-from . import models  # noqa: F401  (registers the models with timm)
 from .cpu_speed import INITIAL_MMAP_THRESHOLD, keep_freed_memory, minor_page_faults, set_malloc_thresholds
 from .layers import set_balance_loss_scale
 from .profiling import flop_counter
@@ -683,7 +683,8 @@ def parse_args(argv=None):
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
                         help='torch.compile the model with fullgraph=True (backend default: inductor)')
     parser.add_argument('--threads', type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); 1 gives steadier times on a busy machine")
+                        help="CPU threads for torch (default: torch's choice); 1 gives steadier times on a busy "
+                             'machine')
     parser.add_argument('--num-warm-iter', type=int, default=3,
                         help='untimed steps before the first timed run of each model and mode')
     parser.add_argument('--num-bench-iter', type=int, default=10, help='timed steps per run')

@@ -132,7 +132,8 @@ def check_state_dict(
     problems = []
     for title, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
         if keys:
-            problems.append(f'{title}: ' + ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else ''))
+            more = f', ... ({len(keys)} in all)' if len(keys) > 8 else ''
+            problems.append(f'{title}: ' + ', '.join(keys[:8]) + more)
     if problems:
         raise ValueError(f'{what} does not match {type(model).__name__}: ' + '; '.join(problems))
 
