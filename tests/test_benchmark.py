@@ -191,3 +191,24 @@ def test_bad_arguments_are_one_line_before_any_model_is_built(monkeypatch, capsy
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert ': error: ' in error and message in error, error
+
+
+def test_whole_epochs_of_two_configs_alternate_and_give_their_ratio(tmp_path, capsys):
+    """--epochs: each config's epoch time is its run's own train_time_s, the ratio their median ratio."""
+    import yaml
+    base = dict(model='ait_tiny_patch32_64', dataset='triangle', num_classes=2, batch_size=16, warmup_epochs=0,
+                workers=0, log_interval=100, model_kwargs=dict(embed_dim=32, num_heads=2))
+    configs = []
+    for name, extra in (('ait', {}), ('twin', {'gwl': False})):
+        path = tmp_path / f'{name}.yaml'
+        path.write_text(yaml.safe_dump({**base, 'model_kwargs': {**base['model_kwargs'], **extra}}))
+        configs.append(str(path))
+    results = benchmark.main(['--epochs', *configs, '--epoch-samples', '32', '--repeats', '2',
+                              '--data-dir', str(tmp_path / 'data')])
+    (pair,) = results['pairs']
+    assert len(pair['model_seconds']) == len(pair['compare_seconds']) == 2
+    ratios = sorted(a / b for a, b in zip(pair['model_seconds'], pair['compare_seconds']))
+    assert pair['ratio'] == pytest.approx(sum(ratios) / 2)  # the median of two
+    assert 'ait.yaml' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(['--epochs', configs[0]])  # not a pair

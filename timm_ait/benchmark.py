@@ -1,6 +1,7 @@
 """Benchmark a timm model: inference and training throughput, peak memory, parameters, FLOPs.
 
     python train_scripts/benchmark.py -m ait_small_patch4_32 -b 64 --compare gwl=False
+    python train_scripts/benchmark.py --epochs triangle --epoch-samples 12800 --repeats 3  # whole epochs
 
 ``--compare`` benchmarks a second model in the same run: another model name (with its own
 ``k=v`` arguments after it), or ``k=v`` changes to the first model's arguments. The two
@@ -51,6 +52,7 @@ the kernel and maps them again every step is slow; ``--keep-freed-memory`` keeps
 heap (:func:`timm_ait.cpu_speed.keep_freed_memory`) for the whole process.
 """
 import argparse
+import csv
 import difflib
 import json
 import multiprocessing
@@ -59,12 +61,14 @@ import platform
 import random
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +78,7 @@ from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value
 from timm.utils import ParseKwargs
 
-from .cpu_speed import INITIAL_MMAP_THRESHOLD, keep_freed_memory, minor_page_faults, set_malloc_thresholds
+from .cpu_speed import CPU_TRAINING_ENV, INITIAL_MMAP_THRESHOLD, keep_freed_memory, minor_page_faults, set_malloc_thresholds
 from .layers import set_balance_loss_scale
 from .profiling import flop_counter
 
@@ -422,6 +426,71 @@ def median_interval(values: Sequence[float], level: float = 0.95, resamples: int
     return [medians[tail], medians[-tail - 1]]
 
 
+# ------------------------------------------------------------------------------- whole epochs
+# Whole training epochs of an AiT and its ViT twin (--epochs): what a run pays beyond its steps (loading, the
+# memory statistics, the log reads). Each repeat trains one epoch of each config of a pair, alternating
+# (A B, B A, ...), each in a fresh train.py process with the CPU training environment, and reads the epoch's
+# train_time_s from its summary.csv (loading included, evaluation not).
+
+# the registered CPU configs (train_scripts/configs/cpu/): the AiT's, then its twin's
+CPU_PAIRS = {
+    'triangle': ('triangle-ait_small_patch32_64.yaml', 'triangle-vit_small_patch32_64.yaml'),
+    'sort_of_clevr': ('sort_of_clevr-ait_small_w256_patch15_75.yaml', 'sort_of_clevr-vit_small_w256_patch15_75.yaml'),
+}
+
+
+def _epoch_seconds(config: str, folder: str, data_dir: str, num_samples: Optional[int], python: str,
+                   extra: Sequence[str]) -> float:
+    command = [python, '-m', 'timm_ait.train', '-c', config, '--epochs', '1', '--output', folder,
+               '--experiment', 'run', '--data-dir', data_dir, '--val-num-samples', '64', *extra]
+    if num_samples is not None:
+        command += ['--train-num-samples', str(num_samples)]
+    proc = subprocess.run(command, env={**os.environ, **CPU_TRAINING_ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+        raise RuntimeError(f'train.py on {config} failed ({proc.returncode}): {last}')
+    with open(os.path.join(folder, 'run', 'summary.csv'), newline='') as f:
+        return float(list(csv.DictReader(f))[-1]['train_time_s'])
+
+
+def time_epochs(
+        pairs: Sequence[Tuple[str, str]],
+        repeats: int,
+        data_dir: str,
+        num_samples: Optional[int] = None,
+        python: str = sys.executable,
+        extra: Sequence[str] = (),
+) -> Dict:
+    """Seconds of one training epoch of each config, ``repeats`` times, the two of a pair alternating."""
+    for config in (c for pair in pairs for c in pair):
+        if not os.path.isfile(config):
+            raise ValueError(f'--epochs: config {config!r} does not exist')
+    if repeats < 1:
+        raise ValueError(f'--repeats must be >= 1, got {repeats}')
+    results = {'pairs': [], 'num_samples': num_samples, 'repeats': repeats}
+    for model, twin in pairs:
+        times: Dict[str, List[float]] = {model: [], twin: []}
+        for repeat in range(repeats):
+            for config in ((model, twin) if repeat % 2 == 0 else (twin, model)):
+                with tempfile.TemporaryDirectory() as folder:
+                    times[config].append(_epoch_seconds(config, folder, data_dir, num_samples, python, extra))
+        ratios = [a / b for a, b in zip(times[model], times[twin])]
+        results['pairs'].append(dict(
+            model=model, compare=twin, model_seconds=times[model], compare_seconds=times[twin],
+            ratio=statistics.median(ratios), ratio_interval=median_interval(ratios) if len(ratios) > 1 else None))
+    return results
+
+
+def format_epoch_table(results: Dict) -> str:
+    lines = ['| config | epoch s (median) | twin | twin epoch s | ratio (95% interval) |', '|---|---|---|---|---|']
+    for pair in results['pairs']:
+        interval = pair['ratio_interval']
+        ratio = f"{pair['ratio']:.3f}" + (f' ({interval[0]:.3f}-{interval[1]:.3f})' if interval else '')
+        lines.append(f"| {os.path.basename(pair['model'])} | {statistics.median(pair['model_seconds']):.1f} | "
+                     f"{os.path.basename(pair['compare'])} | {statistics.median(pair['compare_seconds']):.1f} | {ratio} |")
+    return '\n'.join(lines)
+
+
 def _ratio(a, b) -> Optional[float]:
     return a / b if a is not None and b else None
 
@@ -699,6 +768,15 @@ def parse_args(argv=None):
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='keep freed blocks under 32 MiB in the heap instead of handing them back to the kernel '
                              '(timm_ait.cpu_speed.keep_freed_memory), for the whole run')
+    parser.add_argument('--epochs', nargs='*', default=None, metavar='CONFIG',
+                        help='time whole training epochs instead of steps: pairs of train.py configs (an AiT\'s, '
+                             f'then its twin\'s), or names of the registered CPU pairs {list(CPU_PAIRS)} (none '
+                             'given: all of them, from --configs-dir)')
+    parser.add_argument('--configs-dir', default=os.path.join('train_scripts', 'configs', 'cpu'),
+                        help='where --epochs finds the registered CPU configs')
+    parser.add_argument('--epoch-samples', type=int, default=None, metavar='N',
+                        help="--epochs: train each epoch on N images instead of the config's epoch")
+    parser.add_argument('--data-dir', default='data', help='--epochs: cache of the generated datasets')
     parser.add_argument('--results-file', default=None, help='write the results as JSON to this file')
     parser.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
     args = parser.parse_args(argv)
@@ -730,8 +808,31 @@ def parse_args(argv=None):
     return parser, args
 
 
+def epoch_pairs(names: Sequence[str], configs_dir: str) -> List[Tuple[str, str]]:
+    """--epochs' arguments as (AiT config, twin config) paths."""
+    if not names:
+        names = list(CPU_PAIRS)
+    if all(n in CPU_PAIRS for n in names):
+        return [tuple(os.path.join(configs_dir, c) for c in CPU_PAIRS[n]) for n in names]
+    if len(names) % 2 or any(n in CPU_PAIRS for n in names):
+        raise ValueError(f'--epochs takes names of registered pairs {list(CPU_PAIRS)} or pairs of config files '
+                         f'(an AiT\'s, then its twin\'s), got {list(names)}')
+    return list(zip(names[::2], names[1::2]))
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
+    if args.epochs is not None:
+        try:
+            results = time_epochs(epoch_pairs(args.epochs, args.configs_dir), args.repeats, args.data_dir,
+                                  args.epoch_samples)
+        except (ValueError, RuntimeError) as error:
+            parser.exit(2, f'{parser.prog}: error: {error}\n')
+        if args.results_file:
+            with open(args.results_file, 'w') as f:
+                json.dump(results, f, indent=2)
+        print(json.dumps(results, indent=2) if args.json else format_epoch_table(results))
+        return results
     specs = [ModelSpec(args.model, args.model_kwargs)]
     if args.compare:
         specs.append(compare_spec(args.compare, specs[0]))
