@@ -775,7 +775,8 @@ def parse_args(argv=None):
     parser.add_argument('--configs-dir', default=os.path.join('train_scripts', 'configs', 'cpu'),
                         help='where --epochs finds the registered CPU configs')
     parser.add_argument('--epoch-samples', type=int, default=None, metavar='N',
-                        help="--epochs: train each epoch on N images instead of the config's epoch")
+                        help="--epochs: train.py's --train-num-samples for each epoch (images; Sort-of-CLEVR asks 20 "
+                             'questions an image) instead of the config\'s')
     parser.add_argument('--data-dir', default='data', help='--epochs: cache of the generated datasets')
     parser.add_argument('--results-file', default=None, help='write the results as JSON to this file')
     parser.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
