@@ -178,6 +178,8 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     model = task.trainable_module
     accum = args.grad_accum_steps
     has_gwl = any(isinstance(m, GlobalWorkspaceLayer) for m in model.modules())
+    if has_gwl:  # the balance term is scaled as this loss is: divided by accum (and by the fp16 scale, below)
+        set_balance_loss_scale(model, 1.0 / accum)
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum - 1) // accum
     num_updates = epoch * updates_per_epoch
@@ -195,9 +197,8 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
         input, target = to_device(input, device), target.to(device)
         if mixup_fn is not None:
             input, target = mixup_fn(input, target)
-        if has_gwl:  # the balance term is scaled as this loss is: divided by accum, times the fp16 loss scale
-            set_balance_loss_scale(model, 1.0 / accum if loss_scaler is None else
-                                   loss_scaler._scaler.scale(torch.ones((), device=device)) / accum)
+        if has_gwl and loss_scaler is not None:  # the fp16 loss scale changes from step to step
+            set_balance_loss_scale(model, loss_scaler._scaler.scale(torch.ones((), device=device)) / accum)
         sync = need_update or not args.distributed
         with (task.no_sync() if not sync else torch.enable_grad()):
             with autocast():
