@@ -299,3 +299,15 @@ def test_a_bad_declared_scale_is_refused(scale):
 def test_declaring_a_scale_needs_a_model_with_a_balance_term():
     with pytest.raises(ValueError, match='has no GlobalWorkspaceLayer'):
         timm_ait.set_balance_loss_scale(timm.create_model(**MODEL, gwl=False), 0.5)
+
+
+def test_the_projects_train_py_accumulates_with_the_term_counted_once_per_update(tmp_path):
+    """train.py --grad-accum-steps 2 declares its 1/k: with the model's refusal still armed for anyone who does
+    not, the run must train (an undeclared k would be refused at the second backward)."""
+    from timm_ait import train
+    metrics = train.main(['--model', 'ait_tiny_patch32_64', '--dataset', 'triangle', '--data-dir', str(tmp_path / 'd'),
+                          '--train-num-samples', '64', '--val-num-samples', '16', '-b', '16', '--epochs', '1',
+                          '--warmup-epochs', '0', '--workers', '0', '--grad-accum-steps', '2',
+                          '--output', str(tmp_path / 'o'), '--experiment', 'accum',
+                          '--model-kwargs', 'embed_dim=32', 'num_heads=2'])
+    assert 'top1' in metrics
