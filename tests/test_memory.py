@@ -177,7 +177,7 @@ def test_a_decorrelating_write_with_unit_rows_normalises_before_and_after_the_st
     torch.testing.assert_close(memory.memory.norm(dim=-1), torch.ones(6))
 
 
-@pytest.mark.parametrize('bad', [-0.1, 1.5, float('nan')])
+@pytest.mark.parametrize('bad', [-0.1, 1.5, float('nan'), '1e-2', True])
 def test_decorrelation_strength_out_of_range_is_an_error(bad):
     with pytest.raises(ValueError, match='decorrelation must be in'):
         ExplicitMemory(4, 3, decorrelation=bad)

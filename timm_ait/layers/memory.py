@@ -104,8 +104,10 @@ class ExplicitMemory(nn.Module):
             raise ValueError(f'unknown memory_init {init!r}; expected one of {MEMORY_INITS}')
         if not 0.0 <= smoothing <= 1.0:
             raise ValueError(f'memory smoothing must be in [0, 1], got {smoothing}')
-        if not 0.0 <= decorrelation <= 1.0:  # a NaN fails too
-            raise ValueError(f'memory decorrelation must be in [0, 1], got {decorrelation}')
+        # a string from a YAML config ('1e-2' is one) or a NaN fails here, not at the first write
+        if isinstance(decorrelation, bool) or not isinstance(decorrelation, (int, float)) \
+                or not 0.0 <= decorrelation <= 1.0:
+            raise ValueError(f'memory decorrelation must be in [0, 1] (a number), got {decorrelation!r}')
         self.num_slots = num_slots
         self.slot_dim = slot_dim
         self.init = init
