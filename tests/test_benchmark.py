@@ -212,3 +212,46 @@ def test_whole_epochs_of_two_configs_alternate_and_give_their_ratio(tmp_path, ca
     assert 'ait.yaml' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         benchmark.main(['--epochs', configs[0]])  # not a pair
+
+
+def test_profile_shows_where_each_models_step_goes(tmp_path, capsys):
+    """--profile: the GWL's parts appear in the AiT's breakdown only, forward and backward, per step."""
+    results_file = tmp_path / 'results.json'
+    benchmark.main(['-m', 'ait_small_patch4_32', '--model-kwargs', *TINY_ARGS, '--compare', 'gwl=False',
+                    '-b', '4', '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '1', '--bench', 'train',
+                    '--profile', '--results-file', str(results_file)])
+    out = capsys.readouterr().out
+    assert '| blocks.*.mlp.write_attn |' in out and '| module | ' in out and '| operator | ' in out
+    ait, twin = json.loads(results_file.read_text())['profile']['train']
+    assert ait['steps'] == twin['steps'] == 2
+    write = ait['modules']['blocks.*.mlp.write_attn']
+    assert write['forward_ms'] > 0 and write['backward_ms'] > 0 and 'aten::topk (forward)' in write['ops']
+    assert not any('write_attn' in name or 'read' in name for name in twin['modules'])
+    assert 'blocks.*.mlp.fc1' in ait['modules'] and 'blocks.*.mlp.fc1' in twin['modules']
+
+
+def test_epochs_with_profile_profile_one_more_epoch_of_each_config(tmp_path, capsys):
+    import yaml
+    base = dict(model='ait_tiny_patch32_64', dataset='triangle', num_classes=2, batch_size=16, warmup_epochs=0,
+                workers=0, log_interval=100, model_kwargs=dict(embed_dim=32, num_heads=2))
+    configs = []
+    for name, extra in (('ait', {}), ('twin', {'gwl': False})):
+        path = tmp_path / f'{name}.yaml'
+        path.write_text(yaml.safe_dump({**base, 'model_kwargs': {**base['model_kwargs'], **extra}}))
+        configs.append(str(path))
+    results = benchmark.main(['--epochs', *configs, '--epoch-samples', '32', '--repeats', '1', '--profile',
+                              '--data-dir', str(tmp_path / 'data')])
+    ait, twin = results['pairs'][0]['profile']
+    assert ait['steps'] == twin['steps'] == 2  # 32 images in batches of 16
+    assert 'blocks.*.mlp.write_attn' in ait['modules'] and 'blocks.*.mlp.write_attn' not in twin['modules']
+    # the epoch's loading and optimizer steps are in the profile, outside the model
+    assert any('Optimizer.step' in op for op in ait['modules']['(outside)']['ops'])
+    assert 'one epoch of 2 steps each under the profiler' in capsys.readouterr().out
+
+
+def test_a_question_answering_model_is_timed_with_its_questions():
+    workload = Workload(ModelSpec('ait_small_w256_patch15_75', dict(embed_dim=32, num_heads=2, num_slots=6, slot_dim=8,
+                                                                    gwl_heads=2)), BenchSettings(batch_size=2))
+    assert [tuple(t.shape) for t in workload.inputs] == [(2, 3, 75, 75), (2, workload.model.question_dim)]
+    for mode in ('inference', 'train'):
+        workload.run(mode, 1)

@@ -81,6 +81,7 @@ from timm.utils import ParseKwargs
 from .cpu_speed import CPU_TRAINING_ENV, INITIAL_MMAP_THRESHOLD, keep_freed_memory, minor_page_faults, set_malloc_thresholds
 from .layers import set_balance_loss_scale
 from .profiling import flop_counter
+from .time_breakdown import format_breakdown, module_ranges, time_breakdown
 
 MODES = ('inference', 'train')
 MEMORY_STEPS = 2  # the second training step holds optimizer state, gradients and activations at once
@@ -168,6 +169,10 @@ class Workload:
         self.images = torch.randn(settings.batch_size, *self.input_size, device=self.device)
         if settings.channels_last:
             self.images = self.images.contiguous(memory_format=torch.channels_last)
+        # a question-answering model takes a question vector per image as its second input
+        question_dim = getattr(self.model, 'question_dim', None)
+        self.inputs = (self.images,) + ((torch.randn(settings.batch_size, question_dim, device=self.device),)
+                                        if question_dim else ())
         num_classes = getattr(self.model, 'num_classes', 0)
         self.targets = torch.randint(max(num_classes, 1), (settings.batch_size,), device=self.device)
         self.amp_dtype = getattr(torch, settings.amp_dtype) if settings.amp_dtype else None
@@ -187,14 +192,14 @@ class Workload:
 
     def inference_step(self) -> None:
         with torch.no_grad(), self._autocast():
-            self.forward(self.images)
+            self.forward(*self.inputs)
 
     def train_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:  # the balance term must be scaled as the loss is (a tensor: no host sync)
             set_balance_loss_scale(self.model, self.scaler.scale(torch.ones((), device=self.device)))
         with self._autocast():
-            logits = self.forward(self.images)
+            logits = self.forward(*self.inputs)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]
             loss = F.cross_entropy(logits, self.targets)  # a GWL adds its balance term to the backward itself
@@ -351,6 +356,28 @@ def time_step(workload: Workload, mode: str, settings: BenchSettings) -> StepTim
     return StepTime(wall / settings.num_bench_iter, cpu / settings.num_bench_iter, faults)
 
 
+def profile_steps(workload: Workload, mode: str, steps: int) -> Dict:
+    """:func:`time_breakdown` of ``steps`` eager steps of ``mode`` under torch.profiler (host time)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            module_ranges(workload.model):
+        started = time.perf_counter()
+        workload.run(mode, steps)
+        wall = time.perf_counter() - started
+    return dict(time_breakdown(prof.events()), steps=steps, wall_ms=1e3 * wall)
+
+
+def format_profiles(profiles: Dict, labels: Sequence[str]) -> str:
+    """Per mode, the modules and the operators of the profiled models side by side (ms per step)."""
+    parts = []
+    for mode, breakdowns in profiles.items():
+        steps = breakdowns[0]['steps']
+        walls = ', '.join(f"{label} {b['wall_ms'] / b['steps']:.1f}" for label, b in zip(labels, breakdowns))
+        parts.append(f'{mode}, {steps} steps under the profiler (wall ms/step: {walls})\n\n'
+                     + format_breakdown(breakdowns, labels, 'modules', steps, top=30, min_ms=0.05) + '\n\n'
+                     + format_breakdown(breakdowns, labels, 'ops', steps, top=30, min_ms=0.05))
+    return '\n\n'.join(parts)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -361,8 +388,12 @@ def benchmark(
         modes: Sequence[str] = MODES,
         repeats: int = 3,
         flops_modules: Optional[str] = None,
+        profile: bool = False,
 ) -> Dict:
     """Benchmark one model, or two taking turns; returns the results as a JSON-ready dict.
+
+    ``profile``: afterwards, num_bench_iter more steps of each model and mode under torch.profiler, their
+    time by module and operator in ``results['profile']`` (eager only: the modules are marked by hooks).
 
     Sets torch's thread count to ``settings.threads`` when it is given.
     """
@@ -414,6 +445,9 @@ def benchmark(
     results = dict(settings=asdict(settings), repeats=repeats, environment=_environment(settings), models=models)
     if len(models) == 2:
         results['ratios'] = _ratios(models, step_times, modes)
+    if profile:
+        results['profile'] = {mode: [profile_steps(w, mode, settings.num_bench_iter) for w in workloads]
+                              for mode in modes}
     return results
 
 
@@ -460,8 +494,13 @@ def time_epochs(
         num_samples: Optional[int] = None,
         python: str = sys.executable,
         extra: Sequence[str] = (),
+        profile: bool = False,
 ) -> Dict:
-    """Seconds of one training epoch of each config, ``repeats`` times, the two of a pair alternating."""
+    """Seconds of one training epoch of each config, ``repeats`` times, the two of a pair alternating.
+
+    ``profile``: then one more epoch of each under torch.profiler (train.py --profile), whose time by module
+    and operator goes into the pair's ``profile``.
+    """
     for config in (c for pair in pairs for c in pair):
         if not os.path.isfile(config):
             raise ValueError(f'--epochs: config {config!r} does not exist')
@@ -478,6 +517,15 @@ def time_epochs(
         results['pairs'].append(dict(
             model=model, compare=twin, model_seconds=times[model], compare_seconds=times[twin],
             ratio=statistics.median(ratios), ratio_interval=median_interval(ratios) if len(ratios) > 1 else None))
+        if profile:  # one more epoch each, not timed: the profiler slows it
+            breakdowns = []
+            for config in (model, twin):
+                with tempfile.TemporaryDirectory() as folder:
+                    path = os.path.join(folder, 'profile.json')
+                    _epoch_seconds(config, folder, data_dir, num_samples, python, [*extra, '--profile', path])
+                    with open(path) as f:
+                        breakdowns.append(json.load(f))
+            results['pairs'][-1]['profile'] = breakdowns
     return results
 
 
@@ -778,6 +826,10 @@ def parse_args(argv=None):
                         help="--epochs: train.py's --train-num-samples for each epoch (images; Sort-of-CLEVR asks 20 "
                              'questions an image) instead of the config\'s')
     parser.add_argument('--data-dir', default='data', help='--epochs: cache of the generated datasets')
+    parser.add_argument('--profile', action='store_true',
+                        help='also profile num_bench_iter steps of each model (with --epochs: one more epoch of each '
+                             'config) with torch.profiler, and print where the time went by module (forward + '
+                             'backward) and by operator, side by side')
     parser.add_argument('--results-file', default=None, help='write the results as JSON to this file')
     parser.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
     args = parser.parse_args(argv)
@@ -804,6 +856,8 @@ def parse_args(argv=None):
         parser.error(f'--results-file {args.results_file!r}: expected a file in an existing folder')
     if args.speed_modes and len(set(args.speed_modes)) != len(args.speed_modes):
         parser.error(f'--speed-modes {" ".join(args.speed_modes)}: a mode is named twice')
+    if args.profile and (args.speed_modes or args.torchcompile):
+        parser.error('--profile marks modules by hooks on their eager forward: not with --speed-modes or --torchcompile')
     if args.bench is None:
         args.bench = 'train' if args.speed_modes else 'both'
     return parser, args
@@ -826,13 +880,21 @@ def main(argv=None):
     if args.epochs is not None:
         try:
             results = time_epochs(epoch_pairs(args.epochs, args.configs_dir), args.repeats, args.data_dir,
-                                  args.epoch_samples)
+                                  args.epoch_samples, profile=args.profile)
         except (ValueError, RuntimeError) as error:
             parser.exit(2, f'{parser.prog}: error: {error}\n')
         if args.results_file:
             with open(args.results_file, 'w') as f:
                 json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2) if args.json else format_epoch_table(results))
+        text = format_epoch_table(results)
+        for pair in results['pairs']:
+            if 'profile' in pair:
+                b = pair['profile']
+                text += (f"\n\n{os.path.basename(pair['model'])} / {os.path.basename(pair['compare'])}: one epoch of "
+                         f"{b[0]['steps']} steps each under the profiler\n\n"
+                         + format_breakdown(b, ['AiT', 'twin'], 'modules', b[0]['steps'], top=30, min_ms=0.05) + '\n\n'
+                         + format_breakdown(b, ['AiT', 'twin'], 'ops', b[0]['steps'], top=30, min_ms=0.05))
+        print(json.dumps(results, indent=2) if args.json else text)
         return results
     specs = [ModelSpec(args.model, args.model_kwargs)]
     if args.compare:
@@ -851,7 +913,7 @@ def main(argv=None):
             speed_modes = {name: parse_speed_mode(name, settings) for name in args.speed_modes}
             results = benchmark_speed_modes(specs, speed_modes, modes, args.repeats)
         else:
-            results = benchmark(specs, settings, modes, args.repeats, args.flops_modules)
+            results = benchmark(specs, settings, modes, args.repeats, args.flops_modules, profile=args.profile)
     except ValueError as error:
         parser.exit(2, f'{parser.prog}: error: {error}\n')
     results['environment']['keep_freed_memory'] = kept
@@ -859,6 +921,8 @@ def main(argv=None):
         with open(args.results_file, 'w') as f:
             json.dump(results, f, indent=2, default=repr)
     table = format_speed_table(results) if args.speed_modes else format_table(results)
+    if 'profile' in results:
+        table += '\n\n' + format_profiles(results['profile'], [m['label'] for m in results['models']])
     print(json.dumps(results, indent=2, default=repr) if args.json else table)
 
 

@@ -22,7 +22,7 @@ _logger = logging.getLogger('train')
 # the checkpoint, and they may differ from it
 PER_INVOCATION = ('config', 'resume', 'no_resume_opt', 'initial_checkpoint', 'pretrained', 'experiment', 'output',
                   'device', 'dist_backend', 'dist_timeout', 'workers', 'pin_mem', 'log_interval', 'dataset_download',
-                  'torchcompile')
+                  'torchcompile', 'profile')
 # what a resumed optimizer state fixes (timm's schedule starts from the state's initial_lr)
 OPTIMIZER_SETTINGS = ('opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas')
 # timm's dispatch_clip_grad modes
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "torch's, 30 minutes for gloo, 10 for nccl)")
     group.add_argument('--output', default='./output/train', metavar='DIR')
     group.add_argument('--experiment', default='', help='name of the run folder under --output')
+    group.add_argument('--profile', default=None, metavar='FILE',
+                       help='profile the first epoch this process trains with torch.profiler and write where its time '
+                            'went, by operator and by module (forward and backward), to FILE as JSON; that epoch runs '
+                            'slower (its train_time_s too)')
     group.add_argument('--eval-metric', default='top1',
                        help='the metric that ranks checkpoints (and drives a plateau schedule): loss, top1, top5, '
                             'ema_* with --model-ema, (non_)relational_top1 for question answering')
@@ -316,6 +320,13 @@ def check_args(args) -> None:
         raise ValueError(f'--eval-metric {args.eval_metric!r} is not a metric of this run; expected one of {metrics}')
     if args.dist_timeout is not None and not args.dist_timeout > 0:
         raise ValueError(f'--dist-timeout must be a number of seconds > 0, got {args.dist_timeout}')
+    if args.profile is not None:
+        if args.torchcompile:
+            raise ValueError('--profile charges time to modules through hooks on their eager forward; it does not '
+                             'combine with --torchcompile')
+        folder = os.path.dirname(os.path.abspath(args.profile))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f'--profile {args.profile!r}: the folder {folder!r} does not exist')
     for name in ('resume', 'initial_checkpoint'):
         path = getattr(args, name)
         if path and not os.path.isfile(path):

@@ -22,12 +22,14 @@ are not finite has its update skipped on the device (timm_ait.train.guard), and 
 next log interval, leaving its checkpoints as they are. One process at a time writes into a run
 folder (its run.lock). A distributed run stops when a rank does not answer for --dist-timeout seconds.
 """
+import json
 import logging
 import math
 import os
 import sys
 import time
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -49,6 +51,7 @@ from ..layers import (
     reset_memory as reset_model_memory, set_balance_loss_scale, skipped_memory_writes,
 )
 from ..run_model import MODEL_SETTINGS, load_run_model, run_args
+from ..time_breakdown import module_ranges, time_breakdown
 from .args import apply_checkpoint_settings, check_args, given_args, parse_args
 from .distributed import init_distributed, stuck_rank_message
 from .evaluate import amp_context, evaluate, to_device
@@ -248,6 +251,20 @@ def train_one_epoch(epoch, task, loader, optimizer, scheduler, args, device, aut
     return OrderedDict(avg)
 
 
+@contextmanager
+def profile_epoch(path: str, model, steps: int):
+    """Profile what runs inside (an epoch) and write its :func:`time_breakdown` as JSON to ``path``: the
+    host's time by operator and module (on a GPU, the time spent issuing kernels, not running them)."""
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, module_ranges(model):
+        yield
+    seconds = time.perf_counter() - started
+    breakdown = time_breakdown(prof.events())
+    with open(path, 'w') as f:
+        json.dump(dict(breakdown, steps=steps, wall_s=seconds, model=type(model).__name__), f, indent=1)
+    _logger.info(f'Profile of the epoch ({steps} steps, {seconds:.1f} s under the profiler) written to {path}')
+
+
 def _layer_name(memory_name: str) -> str:
     """'blocks.0.mlp.memory' -> 'blocks0': a short, CSV-safe column suffix for a layer's memory."""
     return memory_name.replace('.mlp.memory', '').replace('.', '')
@@ -380,8 +397,10 @@ def _train(args, given, resume_state, device, output_dir):
         started = time.perf_counter()
         if args.fresh_train_data:  # drawing the epoch's set is part of its training time
             train_loader.dataset.set_epoch(epoch)
-        train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, scheduler, args, device, autocast,
-                                        loss_scaler, model_ema, mixup_fn)
+        with (profile_epoch(args.profile, model, len(train_loader))
+              if args.profile and epoch == start_epoch and is_primary(args) else nullcontext()):
+            train_metrics = train_one_epoch(epoch, task, train_loader, optimizer, scheduler, args, device, autocast,
+                                            loss_scaler, model_ema, mixup_fn)
         # summary.csv's train_time_s: seconds this epoch spent training (loading included, evaluation not),
         # so that a run resumed in parts still sums to its training time
         train_metrics['time_s'] = time.perf_counter() - started
