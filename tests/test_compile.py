@@ -81,3 +81,13 @@ def test_a_training_step_with_the_decorrelating_write_captures_in_one_graph_and_
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
     # loss, gradients and the written memory (EWMA and decorrelation step) as in eager mode
     deploy.check_compiled_train_step(model, x, backend='aot_eager')
+
+
+def test_a_training_step_that_gathers_the_kept_patches_captures_in_one_graph_and_matches_eager():
+    """16 images of 17 tokens: k = 10 of 272 patches, so the pooling and the scores' gradient take the gathers."""
+    model = deploy.create_model('ait_small_patch4_32', num_classes=5, depth=1, **TINY)
+    x = (torch.randn(16, 3, 16, 16),)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(deploy.loss_of)(copy.deepcopy(model), x, torch.arange(16) % 5)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    deploy.check_compiled_train_step(model, x, backend='aot_eager')

@@ -42,21 +42,43 @@ def reference_balance_loss(gates, eps=1e-10):
     return total
 
 
-@pytest.mark.parametrize('bottleneck', [5, 64, None])
-def test_bottleneck_matches_reference_values_and_gradients(bottleneck):
+def reference_bottleneck_with_bias(attn: BottleneckAttention, memory, patches):
+    """As reference_bottleneck, with the key bias of ``qkv_bias=True`` (a constant per slot and head)."""
+    H, d = attn.num_heads, attn.head_dim
+    q = memory @ attn.q.weight.t() + attn.q.bias
+    k = patches @ attn.k.weight.t() + attn.k.bias
+    v = patches @ attn.v.weight.t() + attn.v.bias
+    outs, gates = [], []
+    for h in range(H):
+        qh, kh, vh = (t[:, h * d:(h + 1) * d] for t in (q, k, v))
+        scores = qh @ kh.t() / math.sqrt(d)
+        top, idx = scores.topk(min(attn.bottleneck, scores.shape[1]), dim=-1)
+        g = torch.zeros_like(scores).scatter(-1, idx, top.softmax(-1))
+        gates.append(g)
+        outs.append(g @ vh)
+    return torch.cat(outs, -1) @ attn.proj.weight.t(), torch.stack(gates)
+
+
+# (k, T): k/T of 1/8 and more pools through dense products, less (3 of 40, 7 of 200) through gathers,
+# with the top-k's gradient taken at the kept scores only
+@pytest.mark.parametrize('bottleneck,num_patches,qkv_bias', [
+    (5, 40, False), (64, 40, False), (None, 40, False), (3, 40, False), (7, 200, False), (7, 200, True), (5, 40, True)])
+def test_bottleneck_matches_reference_values_and_gradients(bottleneck, num_patches, qkv_bias):
     torch.manual_seed(0)
-    attn = BottleneckAttention(dim=24, slot_dim=8, num_heads=4, bottleneck=bottleneck)
-    memory = torch.randn(6, 8)
-    patches = torch.randn(40, 24, requires_grad=True)
+    attn = BottleneckAttention(dim=24, slot_dim=8, num_heads=4, bottleneck=bottleneck, qkv_bias=qkv_bias)
+    memory = torch.randn(6, 8, requires_grad=True)
+    patches = torch.randn(num_patches, 24, requires_grad=True)
     out, gates = attn(memory, patches)
-    ref_out, ref_gates = reference_bottleneck(attn, memory, patches)
+    reference = reference_bottleneck_with_bias if qkv_bias else reference_bottleneck
+    ref_out, ref_gates = reference(attn, memory, patches)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gates.dense(), ref_gates, rtol=1e-5, atol=1e-6)
 
-    params = [patches, attn.q.weight, attn.k.weight, attn.v.weight, attn.proj.weight]
-    w = torch.randn_like(out)
-    grads = torch.autograd.grad((out * w).sum(), params)
-    ref_grads = torch.autograd.grad((ref_out * w).sum(), params)
+    # the gradient through the output and through the gates (the balance loss takes that path)
+    params = [patches, memory] + [p for p in attn.parameters()]
+    w, w_gates = torch.randn_like(out), torch.randn_like(ref_gates)
+    grads = torch.autograd.grad((out * w).sum() + (gates.dense() * w_gates).sum(), params)
+    ref_grads = torch.autograd.grad((ref_out * w).sum() + (ref_gates * w_gates).sum(), params)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
 

@@ -20,11 +20,16 @@ from torch import nn
 
 __all__ = ['BottleneckAttention', 'BottleneckGates', 'balance_loss_from_gates', 'cv_squared']
 
-# Pool through the dense gate matrix when each slot keeps at least this share k/T of the
-# patches. The gather does k/T of the product's multiply-adds but runs several times slower
-# per multiply-add, forward and backward; the two break even near k/T = 1/12 on the CPU
-# (docs/benchmarks.md has the measurement).
+# Work with dense (H*S x T) products when each slot keeps at least this share k/T of the patches:
+# the pooling of the kept patches and the scores' backward. A gather does k/T of a product's
+# multiply-adds but runs several times slower per multiply-add; the two break even near k/T = 1/12
+# on the CPU (docs/benchmarks.md has the measurements).
 DENSE_POOLING_MIN_SHARE = 1 / 12
+
+
+def _gathers(kept: int, num_patches: int) -> bool:
+    """True when k kept patches of T are few enough that gathering them beats the dense products."""
+    return kept < DENSE_POOLING_MIN_SHARE * num_patches
 
 
 @dataclass
@@ -74,6 +79,45 @@ def balance_loss_from_gates(gates: BottleneckGates, eps: float = 1e-10) -> torch
     return (cv_squared(importance, eps) + cv_squared(load, eps)).sum()
 
 
+def _by_patch(indices: torch.Tensor, num_patches: int):
+    """The flattened (head-slot, j) entries of ``indices`` (HS, k) ordered by patch: their rows (head-slots)
+    and positions in that order, and where each patch's entries start (a patch kept by none has none)."""
+    flat = indices.reshape(-1)
+    sorted_patches, order = flat.sort()
+    starts = torch.searchsorted(sorted_patches, torch.arange(num_patches, device=flat.device))
+    return torch.div(order, indices.shape[-1], rounding_mode='floor'), order, starts
+
+
+class _KeptScores(torch.autograd.Function):
+    """The kept scores ``A[r, j] = patches[idx[r, j]] . q_k[r]`` for rows r = (head, slot), given their values.
+
+    Forward: ``values`` as they are (the top-k of the full score product: the same numbers). Backward, with
+    ``dA`` (HS, k): ``d q_k[r] = sum_j dA[r, j] patches[idx[r, j]]`` and ``d patches[t] = sum of dA[r, j]
+    q_k[r] over the entries with idx[r, j] = t``, both weighted sums of rows (``embedding_bag``): k/T of the
+    multiply-adds of the dense product's backward, which would multiply mostly zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, patches, q_k, values, indices):
+        ctx.save_for_backward(patches, q_k, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        patches, q_k, indices = ctx.saved_tensors
+        HS, k = q_k.shape[0], indices.shape[-1]
+        indices = indices.reshape(HS, k)
+        grad = grad.reshape(HS, k).to(patches.dtype)
+        grad_patches = grad_q_k = None
+        if ctx.needs_input_grad[1]:
+            grad_q_k = F.embedding_bag(indices, patches, mode='sum', per_sample_weights=grad).to(q_k.dtype)
+        if ctx.needs_input_grad[0]:
+            rows, order, starts = _by_patch(indices, patches.shape[0])
+            grad_patches = F.embedding_bag(rows, q_k.to(patches.dtype), starts, mode='sum',
+                                           per_sample_weights=grad.reshape(-1)[order])
+        return grad_patches, grad_q_k, None, None
+
+
 class BottleneckAttention(nn.Module):
     """Multi-head cross-attention, memory priors as queries over a pool of patches, top-k.
 
@@ -117,37 +161,81 @@ class BottleneckAttention(nn.Module):
         self.v = nn.Linear(dim, inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, slot_dim, bias=False)
 
+    def _queries(self, memory: torch.Tensor) -> torch.Tensor:
+        """The scaled queries (H, S, d) of memory (S, m)."""
+        return self.q(memory).view(memory.shape[0], self.num_heads, self.head_dim).transpose(0, 1) * self.scale
+
+    def _query_keys(self, q: torch.Tensor) -> torch.Tensor:
+        """``Q Wk^T`` (H*S, D): each (head, slot) query mapped back to patch width."""
+        H, S, d = q.shape
+        return torch.matmul(q, self.k.weight.view(H, d, self.dim)).reshape(H * S, self.dim)
+
+    def _key_bias_scores(self, q: torch.Tensor) -> Optional[torch.Tensor]:
+        """The scores' part from the key bias, (1, H*S): the same for every patch; None without one."""
+        if self.k.bias is None:
+            return None
+        H, S, d = q.shape
+        return (q * self.k.bias.view(H, 1, d)).sum(-1).reshape(1, H * S)
+
     def scores(self, memory: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """Scaled scores A of shape (H, S, T) for memory (S, m) and patches (T, D)."""
-        H, d = self.num_heads, self.head_dim
-        S = memory.shape[0]
-        q = self.q(memory).view(S, H, d).transpose(0, 1) * self.scale          # H, S, d
-        wk = self.k.weight.view(H, d, self.dim)                                 # H, d, D
-        q_k = torch.matmul(q, wk).reshape(H * S, self.dim)                      # (Q Wk^T): H*S, D
-        scores = patches @ q_k.t()                                              # T, H*S
-        if self.k.bias is not None:
-            scores = scores + (q * self.k.bias.view(H, 1, d)).sum(-1).reshape(1, H * S)
-        return scores.t().reshape(H, S, -1)
+        q = self._queries(memory)
+        scores = patches @ self._query_keys(q).t()                              # T, H*S: keys never materialised
+        bias = self._key_bias_scores(q)
+        if bias is not None:
+            scores = scores + bias
+        return scores.t().reshape(*q.shape[:2], -1)
 
     def select(self, scores: torch.Tensor) -> BottleneckGates:
+        """The gates of (H, S, T) scores: top-k per (head, slot), softmax over the kept scores."""
         T = scores.shape[-1]
         if self.bottleneck is None:
             return BottleneckGates(scores.softmax(-1), None, T)
-        if self.bottleneck > T and not self.cap_bottleneck:
-            raise ValueError(
-                f'bottleneck size k={self.bottleneck} is larger than the patch pool of {T} patches '
-                f'(batch x tokens) and cap_bottleneck=False; use a larger batch or a smaller k')
+        self._check_pool(T)
         top, idx = scores.topk(min(self.bottleneck, T), dim=-1, sorted=False)
         return BottleneckGates(top.softmax(-1), idx, T)
+
+    def _check_pool(self, num_patches: int) -> None:
+        if self.bottleneck > num_patches and not self.cap_bottleneck:
+            raise ValueError(
+                f'bottleneck size k={self.bottleneck} is larger than the patch pool of {num_patches} patches '
+                f'(batch x tokens) and cap_bottleneck=False; use a larger batch or a smaller k')
+
+    def _gates(self, memory: torch.Tensor, patches: torch.Tensor) -> BottleneckGates:
+        """:meth:`select` of :meth:`scores`; when few patches are kept, the top-k's gradient is computed at the
+        kept scores only.
+
+        Only k of the T scores of a (head, slot) reach the softmax, so the gradient of the others is zero;
+        backpropagating through the full (H*S x T) score product spends two products of T x H*S x D on it.
+        When gathering pays (:func:`_gathers`), the scores are computed without a graph, and the kept ones
+        carry :class:`_KeptScores`'s gradient (k/T of that work, as two gathers). The forward values are the
+        same numbers either way; the gradients differ by rounding.
+        """
+        H, S, T = self.num_heads, memory.shape[0], patches.shape[0]
+        if self.bottleneck is None or not _gathers(min(self.bottleneck, T), T):
+            return self.select(self.scores(memory, patches))
+        self._check_pool(T)
+        q = self._queries(memory)
+        q_k = self._query_keys(q)
+        bias = self._key_bias_scores(q)
+        with torch.no_grad():
+            scores = patches @ q_k.t()
+            if bias is not None:
+                scores = scores + bias
+            top, idx = scores.t().reshape(H, S, T).topk(min(self.bottleneck, T), dim=-1, sorted=False)
+        kept = _KeptScores.apply(patches, q_k, top, idx)
+        if bias is not None:  # exactly the values above, and the bias's own gradient
+            kept = kept + (bias - bias.detach()).view(H, S, 1)
+        return BottleneckGates(kept.softmax(-1), idx, T)
 
     @torch.jit.unused  # the memory write of training; TorchScript runs the GWL in eval only
     def forward(self, memory: torch.Tensor, patches: torch.Tensor):
         """Attend from memory (S, m) to patches (T, D); returns the (S, m) output and the gates."""
         H, d = self.num_heads, self.head_dim
         S = memory.shape[0]
-        gates = self.select(self.scores(memory, patches))
+        gates = self._gates(memory, patches)
         T = patches.shape[0]
-        if gates.indices is None or gates.indices.shape[-1] >= DENSE_POOLING_MIN_SHARE * T:
+        if gates.indices is None or not _gathers(gates.indices.shape[-1], T):
             pooled = torch.matmul(gates.dense().to(patches.dtype), patches)     # H, S, D
         else:
             k = gates.indices.shape[-1]
