@@ -1,4 +1,5 @@
 """Properties of the GWL building blocks, checked against direct, unvectorised computations."""
+import copy
 import math
 
 import pytest
@@ -126,6 +127,29 @@ def test_balance_loss_by_hand():
     load = torch.tensor([1., 2., 1.])
     cv2 = lambda x: x.var() / (x.mean() ** 2 + 1e-10)  # noqa: E731
     torch.testing.assert_close(balance_loss_from_gates(gates), cv2(importance) + cv2(load))
+
+
+@pytest.mark.parametrize('beta,steps', [(1.0, 1), (2.5, 1), (0.5, 2)])
+def test_hopfield_read_with_a_residual_is_the_residual_plus_the_paper_update(beta, steps):
+    """The read sums the residual inside its last product; the result is h + xi', xi' by the paper's update."""
+    torch.manual_seed(3)
+    read = HopfieldRetrieval(48, slot_dim=8, beta=beta, steps=steps)
+    memory, h = torch.randn(6, 8), torch.randn(4, 9, 48)
+    xi, y = h, read.up(memory)
+    for _ in range(steps):  # Ramsauer et al. eq. (2), written out on (B, N, D)
+        xi = torch.softmax(beta * torch.einsum('bnd,sd->bns', xi, y), dim=-1) @ y
+    torch.testing.assert_close(read(h, memory), xi, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(read(h, memory, residual=h), h + xi, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(read(h, memory, residual=h), h + read(h, memory), rtol=1e-6, atol=1e-7)
+    # in float32 the same bits as h + read(h); under bfloat16 autocast (float32 h, or bfloat16 h) and for a
+    # bfloat16 layer the dtype and the bits of h + read(h) too, not a sum rounded once in bfloat16
+    assert torch.equal(read(h, memory, residual=h), h + read(h, memory))
+    for dtype, autocast in ((torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)):
+        layer, x = (read, h.to(dtype)) if autocast else (copy.deepcopy(read).to(dtype), h.to(dtype))
+        m = memory.to(dtype) if not autocast else memory
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            fused, plain = layer(x, m, residual=x), x + layer(x, m)
+        assert fused.dtype == plain.dtype and torch.equal(fused, plain), (dtype, autocast)
 
 
 def test_hopfield_step_never_increases_energy():

@@ -159,7 +159,7 @@ class GlobalWorkspaceLayer(nn.Module):
                                    'training needs eager mode, FX or torch.compile')
             memory = self.memory.memory
             self.balance_loss = None
-        y = self.drop2(h + self.read(h, memory))
+        y = self.drop2(self.read(h, memory, residual=h))  # h + the read, summed by the read
         if balance is not None and not torch.jit.is_scripting():
             y = self._add_balance_term(y, balance)
         return y
