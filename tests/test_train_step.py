@@ -96,8 +96,11 @@ def adam_step_counts(optimizer):
     return {s['step'].data_ptr() for s in optimizer.state.values() if isinstance(s.get('step'), torch.Tensor)}
 
 
-def test_no_host_read_between_log_intervals(tmp_path, monkeypatch):
-    args, model, loader, optimizer, scheduler, ema, task = training(tmp_path)
+# the tiny AiT keeps all 40 patches of a batch (k = 64, capped: dense products); bottleneck=2 keeps 2 (gathers, and the top-k's
+# gradient at the kept scores)
+@pytest.mark.parametrize('flags', [[], ['--model-kwargs', 'bottleneck=2']])
+def test_no_host_read_between_log_intervals(tmp_path, monkeypatch, flags):
+    args, model, loader, optimizer, scheduler, ema, task = training(tmp_path, *flags)
     reads = HostReads(ignore=lambda t: t.data_ptr() in adam_step_counts(optimizer))
     for name in ('tolist', 'numpy'):
         monkeypatch.setattr(torch.Tensor, name, reads.counted(getattr(torch.Tensor, name)))
