@@ -87,10 +87,19 @@ def test_a_model_that_does_not_take_the_datasets_inputs_is_refused_before_any_wo
                                     "'top1', 'top5']"),
     (['--log-interval', '0'], '--log-interval must be >= 1, got 0'),
     (['--checkpoint-hist', '0'], '--checkpoint-hist must be >= 1, got 0'),
+    (['--profile', 'prof.json', '--torchcompile', 'inductor'],
+     '--profile charges time to modules through hooks on their eager forward; it does not combine with --torchcompile'),
 ])
 def test_flags_that_would_fail_later_are_refused_with_one_line(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_args(parse_args([*TINY, *flags]))
+
+
+def test_a_profile_in_a_folder_that_does_not_exist_is_refused_before_any_work(tmp_path):
+    # before: the whole first epoch trained, then the profile failed to be written
+    path = tmp_path / 'no' / 'such' / 'prof.json'
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--profile {str(path)!r}: the folder")):
+        check_args(parse_args([*TINY, '--profile', str(path)]))
 
 
 def test_eval_metrics_are_the_evaluations_names():
