@@ -20,15 +20,6 @@ def hopfield_energy(xi: torch.Tensor, attractors: torch.Tensor, beta: float = 1.
     return -lse / beta + 0.5 * (xi * xi).sum(-1) + math.log(S) / beta + 0.5 * max_norm_sq
 
 
-def _sums_exactly(weights: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether ``addmm(residual, weights, y)`` gives ``residual + weights @ y`` to the bit: in float32 and wider
-    (a bfloat16 or float16 addmm rounds the sum once where the two ops round twice), and not under autocast,
-    which would run the addmm in the lower precision."""
-    if weights.dtype != residual.dtype or weights.dtype not in (torch.float32, torch.float64):
-        return False
-    return torch.jit.is_scripting() or not torch.is_autocast_enabled(residual.device.type)
-
-
 class HopfieldRetrieval(nn.Module):
     """Continuous-Hopfield update ``xi <- softmax(beta * xi Y^T) Y`` with ``Y = M Wup + b``.
 
@@ -67,11 +58,25 @@ class HopfieldRetrieval(nn.Module):
             if self.beta != 1.0:  # a product by 1.0 changes nothing: skipped
                 scores = self.beta * scores
             weights = torch.softmax(scores, dim=-1)
-            if step == self.steps - 1 and residual is not None and _sums_exactly(weights, residual):
+            if step == self.steps - 1 and residual is not None and not torch.jit.is_scripting() \
+                    and self._sums_exactly(weights, residual):
                 return torch.addmm(residual.reshape(-1, shape[-1]), weights, y).view(shape)
             states = weights @ y
         states = states.view(shape)
         return states if residual is None else residual + states
+
+    @torch.jit.unused  # TorchScript takes the plain sum
+    def _sums_exactly(self, weights: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether ``addmm(residual, weights, y)`` gives ``residual + weights @ y`` to the bit: in float32 and
+        wider (a bfloat16 or float16 addmm rounds the sum once where the two ops round twice), not under
+        autocast (which would run the addmm in the lower precision), and not while FX traces symbolically (no
+        dtype to test: the graph keeps the plain sum)."""
+        if isinstance(residual, torch.fx.Proxy):
+            return False
+        if weights.dtype != residual.dtype or weights.dtype not in (torch.float32, torch.float64):
+            return False
+        device = residual.device.type
+        return not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
 
     def extra_repr(self) -> str:
         return f'beta={self.beta}, steps={self.steps}'
