@@ -9,7 +9,8 @@ never materialised. The values are only needed at the selected patches, so the o
 gate-weighted sum of the input rows, projected per head afterwards: the value projection of
 all T patches is never done. The sum is a gather of the k kept rows per slot and head
 (``embedding_bag``) when few patches are kept, and one product with the dense (H*S x T) gate
-matrix when many are (see ``DENSE_POOLING_MIN_SHARE``).
+matrix when many are (see ``DENSE_POOLING_MIN_SHARE``). When few are kept the scores' gradient is
+also taken at the kept scores only (``_KeptScores``): the other T - k have none.
 """
 from dataclasses import dataclass
 from typing import Optional
