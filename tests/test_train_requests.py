@@ -100,6 +100,8 @@ def test_a_profile_in_a_folder_that_does_not_exist_is_refused_before_any_work(tm
     path = tmp_path / 'no' / 'such' / 'prof.json'
     with pytest.raises(FileNotFoundError, match=re.escape(f"--profile {str(path)!r}: the folder")):
         check_args(parse_args([*TINY, '--profile', str(path)]))
+    with pytest.raises(ValueError, match='is a folder; expected the path of the JSON file to write'):
+        check_args(parse_args([*TINY, '--profile', str(tmp_path)]))
 
 
 def test_eval_metrics_are_the_evaluations_names():

@@ -327,6 +327,8 @@ def check_args(args) -> None:
         folder = os.path.dirname(os.path.abspath(args.profile))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f'--profile {args.profile!r}: the folder {folder!r} does not exist')
+        if os.path.isdir(args.profile):
+            raise ValueError(f'--profile {args.profile!r} is a folder; expected the path of the JSON file to write')
     for name in ('resume', 'initial_checkpoint'):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
