@@ -1,5 +1,6 @@
 """Requests that train.py and validate.py refuse before any work, and what they make visible (no training)."""
 import logging
+import os
 import re
 
 import pytest
@@ -154,3 +155,22 @@ def test_an_unknown_clip_mode_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse_args([*TINY, '--clip-mode', 'foo'])
     assert "argument --clip-mode: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_a_profile_that_cannot_be_written_does_not_cost_the_run(tmp_path, caplog, monkeypatch):
+    """The profile is written after the epoch's steps; a failure to write it is a warning, and the epoch is
+    evaluated and saved as without --profile."""
+    from timm_ait.train import loop
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith('prof.json'):
+            raise OSError(28, 'No space left on device')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(loop.os, 'replace', failing_replace)
+    out = tmp_path / 'out'
+    loop.main([*TINY, '--data-dir', str(tmp_path / 'data'), '--output', str(out), '--experiment', 'run',
+               '--epochs', '1', '--profile', str(tmp_path / 'prof.json')])
+    assert 'could not write' in caplog.text and not (tmp_path / 'prof.json').exists()
+    assert (out / 'run' / 'last.pth.tar').exists() and (out / 'run' / 'summary.csv').exists()

@@ -260,8 +260,14 @@ def profile_epoch(path: str, model, steps: int):
         yield
     seconds = time.perf_counter() - started
     breakdown = time_breakdown(prof.events())
-    with open(path, 'w') as f:
-        json.dump(dict(breakdown, steps=steps, wall_s=seconds, model=type(model).__name__), f, indent=1)
+    partial = f'{path}.partial'
+    try:  # whole or absent: a cut write leaves the .partial file, never a truncated profile
+        with open(partial, 'w') as f:
+            json.dump(dict(breakdown, steps=steps, wall_s=seconds, model=type(model).__name__), f, indent=1)
+        os.replace(partial, path)
+    except OSError as e:  # a profile is not worth the run: it goes on to evaluate and save the epoch
+        _logger.warning(f'--profile: could not write {path} ({e}); training goes on')
+        return
     _logger.info(f'Profile of the epoch ({steps} steps, {seconds:.1f} s under the profiler) written to {path}')
 
 
