@@ -523,6 +523,8 @@ def time_epochs(
                 with tempfile.TemporaryDirectory() as folder:
                     path = os.path.join(folder, 'profile.json')
                     _epoch_seconds(config, folder, data_dir, num_samples, python, [*extra, '--profile', path])
+                    if not os.path.isfile(path):
+                        raise RuntimeError(f'train.py on {config} wrote no profile (its log says why)')
                     with open(path) as f:
                         breakdowns.append(json.load(f))
             results['pairs'][-1]['profile'] = breakdowns
