@@ -39,6 +39,13 @@ What is measured, per model and per mode (inference, train):
   (CPU attention, in-place addmm_) are added (``timm_ait.profiling``). ``--flops-modules REGEX`` also reports the
   share of the modules whose name matches (e.g. ``'mlp\\.read$'``: the GWL's Hopfield read) in
   inference; not in training, as the counter credits backward ops to modules only roughly.
+* with ``--profile``: where the time of ``--num-bench-iter`` more steps goes, by module (forward and
+  backward: a backward operator is charged to the module whose forward made its autograd node) and by
+  operator, from ``torch.profiler`` (:mod:`timm_ait.time_breakdown`; host time, eager only).
+
+``--epochs`` times whole training epochs instead: pairs of train.py configs (the AiT's, then its twin's), each
+epoch a fresh train.py process, alternating; with ``--profile`` one more epoch of each runs under
+``train.py --profile``.
 
 ``--speed-modes`` compares CPU speed settings instead (step times only): each mode is a
 '+'-joined set of tokens over the other flags, ``fp32``/``bf16``/``fp16`` (autocast dtype),
