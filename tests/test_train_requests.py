@@ -173,4 +173,5 @@ def test_a_profile_that_cannot_be_written_does_not_cost_the_run(tmp_path, caplog
     loop.main([*TINY, '--data-dir', str(tmp_path / 'data'), '--output', str(out), '--experiment', 'run',
                '--epochs', '1', '--profile', str(tmp_path / 'prof.json')])
     assert 'could not write' in caplog.text and not (tmp_path / 'prof.json').exists()
+    assert not (tmp_path / 'prof.json.partial').exists()
     assert (out / 'run' / 'last.pth.tar').exists() and (out / 'run' / 'summary.csv').exists()

@@ -261,11 +261,13 @@ def profile_epoch(path: str, model, steps: int):
     seconds = time.perf_counter() - started
     breakdown = time_breakdown(prof.events())
     partial = f'{path}.partial'
-    try:  # whole or absent: a cut write leaves the .partial file, never a truncated profile
+    try:  # whole or absent, never a truncated profile
         with open(partial, 'w') as f:
             json.dump(dict(breakdown, steps=steps, wall_s=seconds, model=type(model).__name__), f, indent=1)
         os.replace(partial, path)
     except OSError as e:  # a profile is not worth the run: it goes on to evaluate and save the epoch
+        if os.path.exists(partial):
+            os.remove(partial)
         _logger.warning(f'--profile: could not write {path} ({e}); training goes on')
         return
     _logger.info(f'Profile of the epoch ({steps} steps, {seconds:.1f} s under the profiler) written to {path}')
