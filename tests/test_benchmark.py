@@ -193,8 +193,8 @@ def test_bad_arguments_are_one_line_before_any_model_is_built(monkeypatch, capsy
     assert ': error: ' in error and message in error, error
 
 
-def test_whole_epochs_of_two_configs_alternate_and_give_their_ratio(tmp_path, capsys):
-    """--epochs: each config's epoch time is its run's own train_time_s, the ratio their median ratio."""
+def tiny_epoch_configs(tmp_path):
+    """train.py configs of a tiny AiT and its twin, batches of 16 Triangle images."""
     import yaml
     base = dict(model='ait_tiny_patch32_64', dataset='triangle', num_classes=2, batch_size=16, warmup_epochs=0,
                 workers=0, log_interval=100, model_kwargs=dict(embed_dim=32, num_heads=2))
@@ -203,6 +203,12 @@ def test_whole_epochs_of_two_configs_alternate_and_give_their_ratio(tmp_path, ca
         path = tmp_path / f'{name}.yaml'
         path.write_text(yaml.safe_dump({**base, 'model_kwargs': {**base['model_kwargs'], **extra}}))
         configs.append(str(path))
+    return configs
+
+
+def test_whole_epochs_of_two_configs_alternate_and_give_their_ratio(tmp_path, capsys):
+    """--epochs: each config's epoch time is its run's own train_time_s, the ratio their median ratio."""
+    configs = tiny_epoch_configs(tmp_path)
     results = benchmark.main(['--epochs', *configs, '--epoch-samples', '32', '--repeats', '2',
                               '--data-dir', str(tmp_path / 'data')])
     (pair,) = results['pairs']
@@ -231,14 +237,7 @@ def test_profile_shows_where_each_models_step_goes(tmp_path, capsys):
 
 
 def test_epochs_with_profile_profile_one_more_epoch_of_each_config(tmp_path, capsys):
-    import yaml
-    base = dict(model='ait_tiny_patch32_64', dataset='triangle', num_classes=2, batch_size=16, warmup_epochs=0,
-                workers=0, log_interval=100, model_kwargs=dict(embed_dim=32, num_heads=2))
-    configs = []
-    for name, extra in (('ait', {}), ('twin', {'gwl': False})):
-        path = tmp_path / f'{name}.yaml'
-        path.write_text(yaml.safe_dump({**base, 'model_kwargs': {**base['model_kwargs'], **extra}}))
-        configs.append(str(path))
+    configs = tiny_epoch_configs(tmp_path)
     results = benchmark.main(['--epochs', *configs, '--epoch-samples', '32', '--repeats', '1', '--profile',
                               '--data-dir', str(tmp_path / 'data')])
     ait, twin = results['pairs'][0]['profile']
