@@ -32,3 +32,29 @@ def test_means_intervals_and_differences(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / 'g.csv')))
     assert [(r['arm'], r['seed']) for r in rows] == [('new', '0'), ('new', '1'), ('new', '2'),
                                                      ('old', '0'), ('old', '1'), ('old', '2')]
+
+
+def test_compares_each_kind_of_question(tmp_path):
+    for seed, (rel_new, rel_old) in enumerate([(60.0, 50.0), (64.0, 52.0), (62.0, 48.0)]):
+        for arm, rel in (('new', rel_new), ('old', rel_old)):
+            make_run(tmp_path, f'g-{arm}-seed{seed}', 75.0, [50, 70, 80], 2.0)
+            results = tmp_path / f'g-{arm}-seed{seed}' / 'validate.json'
+            results.write_text(json.dumps({'top1': 75.0, 'relational_top1': rel, 'non_relational_top1': 98.0}))
+    table = sweep_table.main(['--group', 'g', '--reference', 'old', '--compare', 'top1', 'relational_top1',
+                              'non_relational_top1', '--results-dir', str(tmp_path)])
+    header, _, new_row, _ = table.splitlines()
+    assert header.endswith('| top1 - old | relational_top1 - old | non_relational_top1 - old |')
+    # relational: new 62 (sd 2), old 50 (sd 2): +12, Welch df 4, 2.776 * sqrt(8/3) = 4.53; the others equal
+    assert new_row.endswith('| +0.00 +- 0.00 | +12.00 +- 4.53 | +0.00 +- 0.00 |')
+    assert '62.00 +- 4.97 (n=3)' in new_row
+
+
+def test_a_compared_accuracy_missing_from_a_run_is_named(tmp_path, capsys):
+    make_run(tmp_path, 'g-old-seed0', 75.0, [50], 1.0)
+    try:
+        sweep_table.main(['--group', 'g', '--reference', 'old', '--compare', 'relational_top1',
+                          '--results-dir', str(tmp_path)])
+    except SystemExit as e:
+        assert 'has no relational_top1' in str(e) and 'it has collapsed_memory_top1, top1' in str(e)
+    else:
+        raise AssertionError('a run without relational_top1 was compared')

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The table of a seed sweep of tools/run_evidence.py: each arm's final accuracy, updates to a target
 accuracy, memory rank and the memory-swap probe, as mean and 95% confidence interval over its seeds, and
-each arm's difference from a reference arm (Welch's interval).
+each arm's difference from a reference arm (Welch's interval) in each compared accuracy.
 
     python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
+    python tools/sweep_table.py --group sort_of_clevr --reference ait --compare top1 relational_top1 non_relational_top1
 
 Reads docs/results/<group>-<arm>-seed<N>/ (summary.csv and validate.json, as run_evidence.py writes them);
 prints a markdown table and writes it, with one row per run, to docs/results/<group>.csv.
@@ -16,7 +17,7 @@ import math
 import os
 import re
 import statistics
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (larger: the normal's 1.96)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -52,7 +53,7 @@ def welch(a: List[float], b: List[float]) -> str:
     return f'{diff:+.2f} +- {t95(df) * math.sqrt(va + vb):.2f}'
 
 
-def read_run(folder: str, target: float) -> Optional[Dict[str, float]]:
+def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> Optional[Dict[str, float]]:
     summary, results = os.path.join(folder, 'summary.csv'), os.path.join(folder, 'validate.json')
     if not (os.path.isfile(summary) and os.path.isfile(results)):
         return None
@@ -62,7 +63,11 @@ def read_run(folder: str, target: float) -> Optional[Dict[str, float]]:
         validation = json.load(f)
     reached = [int(r['epoch']) + 1 for r in rows if float(r['eval_top1']) >= target]
     last = rows[-1]
-    run = dict(top1=validation['top1'], epochs_to_target=float(reached[0]) if reached else float('nan'))
+    missing = [key for key in compare if key not in validation]
+    if missing:
+        raise SystemExit(f'error: {results} has no {", ".join(missing)} (it has {", ".join(sorted(validation))})')
+    run = dict(epochs_to_target=float(reached[0]) if reached else float('nan'))
+    run.update({key: float(validation[key]) for key in ('top1', *compare)})
     for key, value in last.items():
         if key.startswith(('train_memory_rank_', 'train_memory_abs_cos_')) and value:
             run[key[len('train_'):]] = float(value)
@@ -77,24 +82,28 @@ def main(argv=None) -> str:
     parser.add_argument('--group', required=True, help='the runs docs/results/<group>-<arm>-seed<N>')
     parser.add_argument('--reference', required=True, help='the arm the others are compared with')
     parser.add_argument('--target', type=float, default=75.0, help='eval top-1 whose first epoch is reported')
+    parser.add_argument('--compare', nargs='+', default=['top1'], metavar='KEY',
+                        help="validate.json accuracies compared with the reference arm's (default: top1)")
     parser.add_argument('--results-dir', default=os.path.join('docs', 'results'))
     args = parser.parse_args(argv)
     runs: Dict[str, Dict[int, Dict[str, float]]] = {}
     for folder in sorted(glob.glob(os.path.join(args.results_dir, f'{args.group}-*-seed*'))):
         found = re.fullmatch(rf'{re.escape(args.group)}-(.+)-seed(\d+)', os.path.basename(folder))
-        run = read_run(folder, args.target) if found else None
+        run = read_run(folder, args.target, args.compare) if found else None
         if run is not None:
             runs.setdefault(found.group(1), {})[int(found.group(2))] = run
     if args.reference not in runs:
         raise SystemExit(f'error: no finished run of arm {args.reference!r} under {args.results_dir}/{args.group}-*')
     keys = sorted({k for arm in runs.values() for run in arm.values() for k in run})
-    lines = [f'| arm | seeds | {" | ".join(keys)} | top1 - {args.reference} |',
-             '|' + '---|' * (len(keys) + 3)]
+    differences = ' | '.join(f'{key} - {args.reference}' for key in args.compare)
+    lines = [f'| arm | seeds | {" | ".join(keys)} | {differences} |',
+             '|' + '---|' * (len(keys) + 2 + len(args.compare))]
     for arm, seeds in sorted(runs.items()):
         cells = [mean_ci([r[k] for r in seeds.values() if k in r and not math.isnan(r[k])]) for k in keys]
-        versus = welch([r['top1'] for r in seeds.values()], [r['top1'] for r in runs[args.reference].values()])
-        lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | '
-                     f'{"" if arm == args.reference else versus} |')
+        versus = ['' if arm == args.reference else
+                  welch([r[key] for r in seeds.values()], [r[key] for r in runs[args.reference].values()])
+                  for key in args.compare]
+        lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | {" | ".join(versus)} |')
     table = '\n'.join(lines)
     with open(os.path.join(args.results_dir, f'{args.group}.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
