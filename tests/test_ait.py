@@ -306,9 +306,10 @@ def test_drop_path_rate():
     assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)
 
 
-def test_grad_checkpointing_gives_the_same_step():
+@pytest.mark.parametrize('write', [{}, dict(memory_decorrelation=0.05)], ids=['paper', 'decorrelating'])
+def test_grad_checkpointing_gives_the_same_step(write):
     torch.manual_seed(0)
-    ref = tiny().train()
+    ref = tiny(**write).train()
     ckpt = copy.deepcopy(ref)
     ckpt.set_grad_checkpointing(True)
     x = torch.randn(3, 3, 16, 16)

@@ -80,7 +80,7 @@ def test_command_line_contradicting_the_run_is_refused_naming_the_setting(tmp_pa
 
 
 @pytest.mark.parametrize('changed', [dict(beta=2.0), dict(bottleneck='none'), dict(hopfield_steps=2),
-                                     dict(memory_l2norm=True), dict(smoothing=0.5)])
+                                     dict(memory_l2norm=True), dict(smoothing=0.5), dict(memory_decorrelation=0.05)])
 def test_pretrained_file_with_other_settings_than_the_model_is_refused(tmp_path, changed):
     """timm's own pretrained path: the weights fit, the function would not (none of these changes a shape)."""
     path, _ = trained_checkpoint(tmp_path, {**TINY, **changed})
