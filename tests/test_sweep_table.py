@@ -58,3 +58,42 @@ def test_a_compared_accuracy_missing_from_a_run_is_named(tmp_path, capsys):
         assert 'has no relational_top1' in str(e) and 'it has collapsed_memory_top1, top1' in str(e)
     else:
         raise AssertionError('a run without relational_top1 was compared')
+
+
+def test_curves_by_epoch_are_the_mean_and_range_of_the_runs_that_reached_it():
+    a = {'epoch': [0.0, 1.0, 2.0], 'eval_top1': [50.0, 60.0, 70.0]}
+    b = {'epoch': [1.0, 0.0], 'eval_top1': [80.0, 40.0]}  # rows in any order; stopped after two epochs
+    assert sweep_table.by_epoch([a, b], 'eval_top1') == [(0, 45.0, 40.0, 50.0), (1, 70.0, 60.0, 80.0),
+                                                         (2, 70.0, 70.0, 70.0)]
+
+
+def test_plot_draws_each_metric_and_leaves_out_an_arm_without_it(tmp_path):
+    for seed in range(2):
+        make_run(tmp_path, f'g-ait-seed{seed}', 90.0, [50, 70 + seed], 3.0 + seed)
+        folder = tmp_path / f'g-vit-seed{seed}'
+        folder.mkdir()
+        (folder / 'summary.csv').write_text('epoch,eval_top1\n0,55\n1,75\n')
+        (folder / 'validate.json').write_text(json.dumps({'top1': 91.0}))
+    out = tmp_path / 'sweep.png'
+    sweep_table.main(['--group', 'g', '--reference', 'ait', '--results-dir', str(tmp_path), '--plot', str(out),
+                      '--plot-metrics', 'eval_top1', 'train_memory_rank_blocks0'])
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    curves = {arm: [sweep_table.read_curves(str(tmp_path / f'g-{arm}-seed{s}')) for s in range(2)]
+              for arm in ('ait', 'vit')}
+    top1, rank = sweep_table.plot_sweep(curves, ['eval_top1', 'train_memory_rank_blocks0']).axes
+    assert [line.get_label() for line in top1.lines] == ['ait (2 runs)', 'vit (2 runs)']
+    assert list(top1.lines[0].get_ydata()) == [50.0, 70.5] and list(top1.lines[0].get_xdata()) == [1, 2]
+    assert [line.get_label() for line in rank.lines] == ['ait (2 runs)']  # the twin has no memory
+    assert list(rank.lines[0].get_ydata()) == [3.5, 3.5]
+
+
+def test_plot_of_a_column_no_run_has_is_refused_naming_it(tmp_path):
+    make_run(tmp_path, 'g-ait-seed0', 90.0, [50], 3.0)
+    try:
+        sweep_table.main(['--group', 'g', '--reference', 'ait', '--results-dir', str(tmp_path),
+                          '--plot', str(tmp_path / 'x.png'), '--plot-metrics', 'eval_top5'])
+    except SystemExit as e:
+        assert 'has eval_top5' in str(e) and 'eval_top1' in str(e)
+    else:
+        raise AssertionError('a missing column was drawn')
+    assert not (tmp_path / 'x.png').exists()

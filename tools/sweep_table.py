@@ -5,9 +5,14 @@ each arm's difference from a reference arm (Welch's interval) in each compared a
 
     python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
     python tools/sweep_table.py --group sort_of_clevr --reference ait --compare top1 relational_top1 non_relational_top1
+    python tools/sweep_table.py --group triangle_tiny --reference paper \
+        --plot docs/results/triangle_tiny-sweep.png --plot-metrics eval_top1 train_memory_rank_blocks0
 
 Reads docs/results/<group>-<arm>-seed<N>/ (summary.csv and validate.json, as run_evidence.py writes them);
-prints a markdown table and writes it, with one row per run, to docs/results/<group>.csv.
+prints a markdown table and writes it, with one row per run, to docs/results/<group>.csv. ``--plot`` also
+draws each summary.csv column of ``--plot-metrics`` against the epoch, one panel each: the mean over an arm's
+seeds as a line, their range as a band (an arm without the column, the ViT twin's memory rank, is left out of
+that panel). Against the epoch, not the training time: a run's time counts whatever else the machine ran.
 """
 import argparse
 import csv
@@ -17,7 +22,7 @@ import math
 import os
 import re
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (larger: the normal's 1.96)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -77,6 +82,53 @@ def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> 
     return run
 
 
+def read_curves(folder: str) -> Dict[str, List[float]]:
+    """The numeric columns of a run's summary.csv, by epoch."""
+    with open(os.path.join(folder, 'summary.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    columns: Dict[str, List[float]] = {}
+    for name in rows[0] if rows else ():
+        try:
+            columns[name] = [float(row[name]) for row in rows]
+        except (TypeError, ValueError):
+            continue  # empty in some epochs: not a curve
+    return columns
+
+
+def by_epoch(curves: Sequence[Dict[str, List[float]]], metric: str) -> List[Tuple[int, float, float, float]]:
+    """(epoch, mean, min, max) of ``metric`` over the runs that reached each epoch, in epoch order."""
+    values: Dict[int, List[float]] = {}
+    for columns in curves:
+        for epoch, value in zip(columns['epoch'], columns[metric]):
+            values.setdefault(int(epoch), []).append(value)
+    return [(epoch, statistics.mean(v), min(v), max(v)) for epoch, v in sorted(values.items())]
+
+
+def plot_sweep(curves: Dict[str, List[Dict[str, List[float]]]], metrics: Sequence[str]):
+    """A figure of each metric against the epoch, a panel each: an arm's mean over its runs and their range."""
+    from matplotlib.figure import Figure  # a figure of its own, outside pyplot's state: files only
+    known = {name for runs in curves.values() for columns in runs for name in columns}
+    missing = [m for m in metrics if m not in known]
+    if missing:
+        raise SystemExit(f'error: no run\'s summary.csv has {", ".join(missing)}; they have {", ".join(sorted(known))}')
+    fig = Figure(figsize=(4.6 * len(metrics), 3.8), layout='constrained')
+    axes = fig.subplots(1, len(metrics), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for colour, (arm, runs) in enumerate(sorted(curves.items())):
+            having = [columns for columns in runs if metric in columns]
+            if having:
+                rows = by_epoch(having, metric)
+                epochs = [epoch + 1 for epoch, *_ in rows]  # counted from 1: the value after that epoch
+                ax.plot(epochs, [r[1] for r in rows], color=f'C{colour}', label=f'{arm} ({len(having)} runs)')
+                ax.fill_between(epochs, [r[2] for r in rows], [r[3] for r in rows], color=f'C{colour}',
+                                alpha=0.2, linewidth=0)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize='small')
+    return fig
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--group', required=True, help='the runs docs/results/<group>-<arm>-seed<N>')
@@ -85,13 +137,18 @@ def main(argv=None) -> str:
     parser.add_argument('--compare', nargs='+', default=['top1'], metavar='KEY',
                         help="validate.json accuracies compared with the reference arm's (default: top1)")
     parser.add_argument('--results-dir', default=os.path.join('docs', 'results'))
+    parser.add_argument('--plot', metavar='PNG', help='also draw --plot-metrics against the epoch into this file')
+    parser.add_argument('--plot-metrics', nargs='+', default=['eval_top1'], metavar='COLUMN',
+                        help='summary.csv columns for --plot, one panel each (default: eval_top1)')
     args = parser.parse_args(argv)
     runs: Dict[str, Dict[int, Dict[str, float]]] = {}
+    curves: Dict[str, List[Dict[str, List[float]]]] = {}
     for folder in sorted(glob.glob(os.path.join(args.results_dir, f'{args.group}-*-seed*'))):
         found = re.fullmatch(rf'{re.escape(args.group)}-(.+)-seed(\d+)', os.path.basename(folder))
         run = read_run(folder, args.target, args.compare) if found else None
         if run is not None:
             runs.setdefault(found.group(1), {})[int(found.group(2))] = run
+            curves.setdefault(found.group(1), []).append(read_curves(folder))
     if args.reference not in runs:
         raise SystemExit(f'error: no finished run of arm {args.reference!r} under {args.results_dir}/{args.group}-*')
     keys = sorted({k for arm in runs.values() for run in arm.values() for k in run})
@@ -111,6 +168,8 @@ def main(argv=None) -> str:
         for arm, seeds in sorted(runs.items()):
             for seed, run in sorted(seeds.items()):
                 writer.writerow([arm, seed, *[run.get(k, '') for k in keys]])
+    if args.plot:
+        plot_sweep(curves, args.plot_metrics).savefig(args.plot, dpi=110)
     print(table)
     return table
 
