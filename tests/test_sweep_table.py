@@ -97,3 +97,15 @@ def test_plot_of_a_column_no_run_has_is_refused_naming_it(tmp_path):
     else:
         raise AssertionError('a missing column was drawn')
     assert not (tmp_path / 'x.png').exists()
+
+
+def test_plot_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):
+    make_run(tmp_path, 'g-ait-seed0', 90.0, [50], 3.0)
+    try:
+        sweep_table.main(['--group', 'g', '--reference', 'ait', '--results-dir', str(tmp_path),
+                          '--plot', str(tmp_path / 'nowhere' / 'x.png')])
+    except SystemExit:
+        assert 'its folder does not exist' in capsys.readouterr().err
+    else:
+        raise AssertionError('a plot into a missing folder was accepted')
+    assert not (tmp_path / 'g.csv').exists()  # refused before the table was written

@@ -141,6 +141,8 @@ def main(argv=None) -> str:
     parser.add_argument('--plot-metrics', nargs='+', default=['eval_top1'], metavar='COLUMN',
                         help='summary.csv columns for --plot, one panel each (default: eval_top1)')
     args = parser.parse_args(argv)
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        parser.error(f'--plot {args.plot}: its folder does not exist')
     runs: Dict[str, Dict[int, Dict[str, float]]] = {}
     curves: Dict[str, List[Dict[str, List[float]]]] = {}
     for folder in sorted(glob.glob(os.path.join(args.results_dir, f'{args.group}-*-seed*'))):
