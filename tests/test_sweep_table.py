@@ -97,6 +97,7 @@ def test_plot_of_a_column_no_run_has_is_refused_naming_it(tmp_path):
     else:
         raise AssertionError('a missing column was drawn')
     assert not (tmp_path / 'x.png').exists()
+    assert not (tmp_path / 'g.csv').exists()  # nothing written: the command is refused whole
 
 
 def test_plot_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys):

@@ -164,14 +164,15 @@ def main(argv=None) -> str:
                   for key in args.compare]
         lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | {" | ".join(versus)} |')
     table = '\n'.join(lines)
+    figure = plot_sweep(curves, args.plot_metrics) if args.plot else None  # a column no run has: refused here
     with open(os.path.join(args.results_dir, f'{args.group}.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
         writer.writerow(['arm', 'seed', *keys])
         for arm, seeds in sorted(runs.items()):
             for seed, run in sorted(seeds.items()):
                 writer.writerow([arm, seed, *[run.get(k, '') for k in keys]])
-    if args.plot:
-        plot_sweep(curves, args.plot_metrics).savefig(args.plot, dpi=110)
+    if figure is not None:
+        figure.savefig(args.plot, dpi=110)
     print(table)
     return table
 
