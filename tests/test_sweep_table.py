@@ -55,7 +55,7 @@ def test_a_compared_accuracy_missing_from_a_run_is_named(tmp_path, capsys):
         sweep_table.main(['--group', 'g', '--reference', 'old', '--compare', 'relational_top1',
                           '--results-dir', str(tmp_path)])
     except SystemExit as e:
-        assert 'has no relational_top1' in str(e) and 'it has collapsed_memory_top1, top1' in str(e)
+        assert 'has no accuracy relational_top1' in str(e) and 'its numbers: collapsed_memory_top1, top1' in str(e)
     else:
         raise AssertionError('a run without relational_top1 was compared')
 
@@ -110,3 +110,15 @@ def test_plot_into_a_missing_folder_is_refused_before_any_work(tmp_path, capsys)
     else:
         raise AssertionError('a plot into a missing folder was accepted')
     assert not (tmp_path / 'g.csv').exists()  # refused before the table was written
+
+
+def test_a_compared_key_that_is_not_a_number_is_named(tmp_path):
+    make_run(tmp_path, 'g-old-seed0', 75.0, [50], 1.0)
+    results = tmp_path / 'g-old-seed0' / 'validate.json'
+    results.write_text(json.dumps({'top1': 75.0, 'model': 'ait_tiny_patch32_64'}))
+    try:
+        sweep_table.main(['--group', 'g', '--reference', 'old', '--compare', 'model', '--results-dir', str(tmp_path)])
+    except SystemExit as e:
+        assert 'has no accuracy model' in str(e) and 'its numbers: top1' in str(e)
+    else:
+        raise AssertionError('a model name was compared as an accuracy')

@@ -68,9 +68,10 @@ def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> 
         validation = json.load(f)
     reached = [int(r['epoch']) + 1 for r in rows if float(r['eval_top1']) >= target]
     last = rows[-1]
-    missing = [key for key in compare if key not in validation]
+    numbers = sorted(k for k, v in validation.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    missing = [key for key in compare if key not in numbers]
     if missing:
-        raise SystemExit(f'error: {results} has no {", ".join(missing)} (it has {", ".join(sorted(validation))})')
+        raise SystemExit(f'error: {results} has no accuracy {", ".join(missing)} (its numbers: {", ".join(numbers)})')
     run = dict(epochs_to_target=float(reached[0]) if reached else float('nan'))
     run.update({key: float(validation[key]) for key in ('top1', *compare)})
     for key, value in last.items():
