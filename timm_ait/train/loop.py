@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 
@@ -266,7 +266,7 @@ def profile_epoch(path: str, model, steps: int):
             json.dump(dict(breakdown, steps=steps, wall_s=seconds, model=type(model).__name__), f, indent=1)
         os.replace(partial, path)
     except OSError as e:  # a profile is not worth the run: it goes on to evaluate and save the epoch
-        if os.path.exists(partial):
+        with suppress(OSError):  # nothing to remove, or a disk that refuses even that: the run still goes on
             os.remove(partial)
         _logger.warning(f'--profile: could not write {path} ({e}); training goes on')
         return
