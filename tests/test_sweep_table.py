@@ -122,3 +122,16 @@ def test_a_compared_key_that_is_not_a_number_is_named(tmp_path):
         assert 'has no accuracy model' in str(e) and 'its numbers: top1' in str(e)
     else:
         raise AssertionError('a model name was compared as an accuracy')
+
+
+def test_paired_differences_are_taken_seed_by_seed_over_the_seeds_both_arms_have(tmp_path):
+    for seed, (a, b) in enumerate([(90.0, 80.0), (92.0, 84.0), (94.0, 82.0)]):
+        make_run(tmp_path, f'g-new-seed{seed}', a, [50, 70, 80], 4.0)
+        make_run(tmp_path, f'g-old-seed{seed}', b, [50, 60, 76], 1.0)
+    make_run(tmp_path, 'g-new-seed5', 10.0, [50], 4.0)  # no partner in the reference arm: not paired
+    table = sweep_table.main(['--group', 'g', '--reference', 'old', '--paired', '--results-dir', str(tmp_path)])
+    header, _, new_row, _ = table.splitlines()
+    assert header.endswith('| top1 - old (paired) |')
+    # per seed 10, 8, 12: mean 10, sd 2, t(2) = 4.303 -> 4.303 * 2 / sqrt(3) = 4.97 (by value order: 10, 10, 10)
+    assert new_row.endswith('| +10.00 +- 4.97 (n=3) |')
+    assert sweep_table.paired({0: 1.0}, {0: 0.0, 1: 2.0}) == 'n/a (n=1)'

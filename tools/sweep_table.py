@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """The table of a seed sweep of tools/run_evidence.py: each arm's final accuracy, updates to a target
 accuracy, memory rank and the memory-swap probe, as mean and 95% confidence interval over its seeds, and
-each arm's difference from a reference arm (Welch's interval) in each compared accuracy.
+each arm's difference from a reference arm (Welch's interval) in each compared accuracy. With ``--paired``
+the difference is taken seed by seed instead (the seed also draws the generated data and its order, so two
+arms of one seed see the same images), over the seeds both arms have, with Student's interval.
 
     python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
     python tools/sweep_table.py --group sort_of_clevr --reference ait --compare top1 relational_top1 non_relational_top1
+    python tools/sweep_table.py --group sort_of_clevr --reference ait --compare relational_top1 --paired
     python tools/sweep_table.py --group triangle_tiny --reference paper \
         --plot docs/results/triangle_tiny-sweep.png --plot-metrics eval_top1 train_memory_rank_blocks0
 
@@ -56,6 +59,15 @@ def welch(a: List[float], b: List[float]) -> str:
         return f'{diff:+.2f} +- 0.00'
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return f'{diff:+.2f} +- {t95(df) * math.sqrt(va + vb):.2f}'
+
+
+def paired(a: Dict[int, float], b: Dict[int, float]) -> str:
+    """Mean over the seeds both have of a[seed] - b[seed], with Student's 95% interval."""
+    differences = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+    if len(differences) < 2:
+        return f'n/a (n={len(differences)})'
+    half = t95(len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return f'{statistics.mean(differences):+.2f} +- {half:.2f} (n={len(differences)})'
 
 
 def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> Optional[Dict[str, float]]:
@@ -137,6 +149,8 @@ def main(argv=None) -> str:
     parser.add_argument('--target', type=float, default=75.0, help='eval top-1 whose first epoch is reported')
     parser.add_argument('--compare', nargs='+', default=['top1'], metavar='KEY',
                         help="validate.json accuracies compared with the reference arm's (default: top1)")
+    parser.add_argument('--paired', action='store_true',
+                        help='differences seed by seed over the seeds both arms have (default: Welch, all seeds)')
     parser.add_argument('--results-dir', default=os.path.join('docs', 'results'))
     parser.add_argument('--plot', metavar='PNG', help='also draw --plot-metrics against the epoch into this file')
     parser.add_argument('--plot-metrics', nargs='+', default=['eval_top1'], metavar='COLUMN',
@@ -155,13 +169,15 @@ def main(argv=None) -> str:
     if args.reference not in runs:
         raise SystemExit(f'error: no finished run of arm {args.reference!r} under {args.results_dir}/{args.group}-*')
     keys = sorted({k for arm in runs.values() for run in arm.values() for k in run})
-    differences = ' | '.join(f'{key} - {args.reference}' for key in args.compare)
+    differences = ' | '.join(f'{key} - {args.reference}{" (paired)" if args.paired else ""}' for key in args.compare)
     lines = [f'| arm | seeds | {" | ".join(keys)} | {differences} |',
              '|' + '---|' * (len(keys) + 2 + len(args.compare))]
     for arm, seeds in sorted(runs.items()):
         cells = [mean_ci([r[k] for r in seeds.values() if k in r and not math.isnan(r[k])]) for k in keys]
+        reference = runs[args.reference]
         versus = ['' if arm == args.reference else
-                  welch([r[key] for r in seeds.values()], [r[key] for r in runs[args.reference].values()])
+                  paired({s: r[key] for s, r in seeds.items()}, {s: r[key] for s, r in reference.items()})
+                  if args.paired else welch([r[key] for r in seeds.values()], [r[key] for r in reference.values()])
                   for key in args.compare]
         lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | {" | ".join(versus)} |')
     table = '\n'.join(lines)
