@@ -39,14 +39,18 @@ def t95(df: float) -> float:
     return _T95[max(k for k in _T95 if k <= max(1, int(df)))]
 
 
+def half_width(values: List[float]) -> float:
+    """Half the width of Student's 95% interval of the mean of two or more values."""
+    return t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def mean_ci(values: List[float]) -> str:
     if not values:
         return 'n/a'
     m = statistics.mean(values)
     if len(values) < 2:
         return f'{m:.2f} (n=1)'
-    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return f'{m:.2f} +- {half:.2f} (n={len(values)})'
+    return f'{m:.2f} +- {half_width(values):.2f} (n={len(values)})'
 
 
 def welch(a: List[float], b: List[float]) -> str:
@@ -66,8 +70,7 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> str:
     differences = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
     if len(differences) < 2:
         return f'n/a (n={len(differences)})'
-    half = t95(len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    return f'{statistics.mean(differences):+.2f} +- {half:.2f} (n={len(differences)})'
+    return f'{statistics.mean(differences):+.2f} +- {half_width(differences):.2f} (n={len(differences)})'
 
 
 def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> Optional[Dict[str, float]]:
@@ -172,9 +175,9 @@ def main(argv=None) -> str:
     differences = ' | '.join(f'{key} - {args.reference}{" (paired)" if args.paired else ""}' for key in args.compare)
     lines = [f'| arm | seeds | {" | ".join(keys)} | {differences} |',
              '|' + '---|' * (len(keys) + 2 + len(args.compare))]
+    reference = runs[args.reference]
     for arm, seeds in sorted(runs.items()):
         cells = [mean_ci([r[k] for r in seeds.values() if k in r and not math.isnan(r[k])]) for k in keys]
-        reference = runs[args.reference]
         versus = ['' if arm == args.reference else
                   paired({s: r[key] for s, r in seeds.items()}, {s: r[key] for s, r in reference.items()})
                   if args.paired else welch([r[key] for r in seeds.values()], [r[key] for r in reference.values()])
