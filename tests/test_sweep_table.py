@@ -135,3 +135,21 @@ def test_paired_differences_are_taken_seed_by_seed_over_the_seeds_both_arms_have
     # per seed 10, 8, 12: mean 10, sd 2, t(2) = 4.303 -> 4.303 * 2 / sqrt(3) = 4.97 (by value order: 10, 10, 10)
     assert new_row.endswith('| +10.00 +- 4.97 (n=3) |')
     assert sweep_table.paired({0: 1.0}, {0: 0.0, 1: 2.0}) == 'n/a (n=1)'
+
+
+def test_the_per_run_csv_holds_every_accuracy_whatever_is_compared(tmp_path):
+    for seed in range(2):
+        for arm in ('new', 'old'):
+            make_run(tmp_path, f'g-{arm}-seed{seed}', 75.0, [50, 80], 2.0)
+            (tmp_path / f'g-{arm}-seed{seed}' / 'validate.json').write_text(json.dumps(
+                {'top1': 75.0, 'top5': 99.0, 'relational_top1': 50.0 + seed, 'count_top1': 30.0,
+                 'rotated_memory_top1': 74.0, 'rotated_memory_count_top1': 20.0}))
+    written = []
+    for compare in (['top1'], ['count_top1', 'relational_top1']):
+        sweep_table.main(['--group', 'g', '--reference', 'old', '--compare', *compare, '--results-dir', str(tmp_path)])
+        written.append((tmp_path / 'g.csv').read_text())
+    assert written[0] == written[1]  # a query that compares other keys does not rewrite the csv's layout
+    header = written[0].splitlines()[0].split(',')
+    # the three accuracies of the json; top5 is not a top-1 and the swapped memory's figures become one drop
+    assert header == ['arm', 'seed', 'count_top1', 'epochs_to_target', 'memory_rank_blocks0', 'relational_top1',
+                      'rotated_swap_drop', 'top1']

@@ -88,7 +88,10 @@ def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> 
     if missing:
         raise SystemExit(f'error: {results} has no accuracy {", ".join(missing)} (its numbers: {", ".join(numbers)})')
     run = dict(epochs_to_target=float(reached[0]) if reached else float('nan'))
-    run.update({key: float(validation[key]) for key in ('top1', *compare)})
+    # every accuracy the run has (by kind of question too), not only those compared: the table and the
+    # per-run csv keep one layout whatever --compare asks
+    accuracies = [k for k in numbers if k.endswith('top1') and '_memory_' not in k]  # a swap's figures: below
+    run.update({key: float(validation[key]) for key in (*accuracies, *compare)})
     for key, value in last.items():
         if key.startswith(('train_memory_rank_', 'train_memory_abs_cos_')) and value:
             run[key[len('train_'):]] = float(value)
