@@ -151,5 +151,33 @@ def test_the_per_run_csv_holds_every_accuracy_whatever_is_compared(tmp_path):
     assert written[0] == written[1]  # a query that compares other keys does not rewrite the csv's layout
     header = written[0].splitlines()[0].split(',')
     # the three accuracies of the json; top5 is not a top-1 and the swapped memory's figures become one drop
-    assert header == ['arm', 'seed', 'count_top1', 'epochs_to_target', 'memory_rank_blocks0', 'relational_top1',
-                      'rotated_swap_drop', 'top1']
+    assert header == ['arm', 'seed', 'count_top1', 'epochs_to_collapse_blocks0', 'epochs_to_target',
+                      'memory_rank_blocks0', 'relational_top1', 'rotated_swap_drop', 'top1']
+
+
+def test_the_epoch_a_layer_collapsed_is_the_first_to_end_with_its_rank_below_one_and_a_half(tmp_path):
+    ranks = {0: ([6.0, 1.49, 1.2], [9.0, 3.0, 1.0]),   # layer 0 after epoch 2, layer 1 after epoch 3
+             1: ([1.8, 1.6, 1.0], [1.4, 2.0, 1.1]),    # 3, and 1 (a later rise does not undo it)
+             2: ([1.5, 1.51, 1.6], [8.0, 7.0, 1.2])}   # never (1.5 is not below), and 3
+    for seed, (block0, block1) in ranks.items():
+        folder = tmp_path / f'g-ait-seed{seed}'
+        folder.mkdir()
+        rows = ['epoch,eval_top1,train_memory_rank_blocks0,train_memory_rank_blocks1']
+        rows += [f'{epoch},50,{a},{b}' for epoch, (a, b) in enumerate(zip(block0, block1))]
+        (folder / 'summary.csv').write_text('\n'.join(rows) + '\n')
+        (folder / 'validate.json').write_text(json.dumps({'top1': 80.0}))
+    old = tmp_path / 'g-old-seed0'  # a run from before the rank was logged has no such column
+    old.mkdir()
+    (old / 'summary.csv').write_text('epoch,eval_top1\n0,50\n')
+    (old / 'validate.json').write_text(json.dumps({'top1': 80.0}))
+    table = sweep_table.main(['--group', 'g', '--reference', 'ait', '--results-dir', str(tmp_path)])
+    header, _, ait, old_row = table.splitlines()
+    columns = header.strip('|').split(' | ')
+    cell = dict(zip(columns, ait.strip('|').split(' | ')))
+    # layer 0: 2 and 3 (seed 2 never collapsed: left out), mean 2.5, sd 0.707, t(1) = 12.706 -> 6.35
+    assert cell['epochs_to_collapse_blocks0'] == '2.50 +- 6.35 (n=2 of 3)'
+    # layer 1: 3, 1, 3: mean 2.33, sd 1.155, t(2) = 4.303 -> 2.87
+    assert cell['epochs_to_collapse_blocks1'] == '2.33 +- 2.87 (n=3)'
+    assert dict(zip(columns, old_row.strip('|').split(' | ')))['epochs_to_collapse_blocks0'] == 'n/a'
+    assert sweep_table.mean_ci([float('nan')] * 3) == 'never (of 3)'
+    assert sweep_table.mean_ci([4.0, float('nan')]) == '4.00 (n=1 of 2)'

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The table of a seed sweep of tools/run_evidence.py: each arm's final accuracy, updates to a target
-accuracy, memory rank and the memory-swap probe, as mean and 95% confidence interval over its seeds, and
-each arm's difference from a reference arm (Welch's interval) in each compared accuracy. With ``--paired``
-the difference is taken seed by seed instead (the seed also draws the generated data and its order, so two
-arms of one seed see the same images), over the seeds both arms have, with Student's interval.
+accuracy, memory rank (and the epoch it first fell below 1.5: a collapse) and the memory-swap probe, as mean
+and 95% confidence interval over its seeds, and each arm's difference from a reference arm (Welch's
+interval) in each compared accuracy.
+With ``--paired`` the difference is taken seed by seed instead (the seed also draws the generated data and
+its order, so two arms of one seed see the same images), over the seeds both arms have, with Student's
+interval.
 
     python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
     python tools/sweep_table.py --group sort_of_clevr --reference ait --compare top1 relational_top1 non_relational_top1
@@ -45,12 +47,18 @@ def half_width(values: List[float]) -> float:
 
 
 def mean_ci(values: List[float]) -> str:
+    """Mean and 95% interval of the values that are numbers; a NaN is an event that never came (a target not
+    reached, a memory that never collapsed), counted in the n as "n=2 of 3", or "never (of 3)" for all."""
+    events = [v for v in values if not math.isnan(v)]
+    of = '' if len(events) == len(values) else f' of {len(values)}'
     if not values:
         return 'n/a'
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return f'{m:.2f} (n=1)'
-    return f'{m:.2f} +- {half_width(values):.2f} (n={len(values)})'
+    if not events:
+        return f'never (of {len(values)})'
+    m = statistics.mean(events)
+    if len(events) < 2:
+        return f'{m:.2f} (n=1{of})'
+    return f'{m:.2f} +- {half_width(events):.2f} (n={len(events)}{of})'
 
 
 def welch(a: List[float], b: List[float]) -> str:
@@ -71,6 +79,10 @@ def paired(a: Dict[int, float], b: Dict[int, float]) -> str:
     if len(differences) < 2:
         return f'n/a (n={len(differences)})'
     return f'{statistics.mean(differences):+.2f} +- {half_width(differences):.2f} (n={len(differences)})'
+
+
+# a participation rank below this: the memory's slots lie about on one line (1 exactly, S for S orthogonal slots)
+COLLAPSED_RANK = 1.5
 
 
 def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> Optional[Dict[str, float]]:
@@ -95,6 +107,10 @@ def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> 
     for key, value in last.items():
         if key.startswith(('train_memory_rank_', 'train_memory_abs_cos_')) and value:
             run[key[len('train_'):]] = float(value)
+        if key.startswith('train_memory_rank_') and value:
+            # when the layer's memory collapsed: the first epoch (from 1) that ended with its rank that low
+            collapsed = [int(r['epoch']) + 1 for r in rows if r[key] and float(r[key]) < COLLAPSED_RANK]
+            run[f'epochs_to_collapse_{key[len("train_memory_rank_"):]}'] = float(collapsed[0]) if collapsed else float('nan')
     for key, value in validation.items():
         if key.endswith('_memory_top1'):
             run[f'{key[:-len("_memory_top1")]}_swap_drop'] = validation['top1'] - value
@@ -180,7 +196,7 @@ def main(argv=None) -> str:
              '|' + '---|' * (len(keys) + 2 + len(args.compare))]
     reference = runs[args.reference]
     for arm, seeds in sorted(runs.items()):
-        cells = [mean_ci([r[k] for r in seeds.values() if k in r and not math.isnan(r[k])]) for k in keys]
+        cells = [mean_ci([r[k] for r in seeds.values() if k in r]) for k in keys]
         versus = ['' if arm == args.reference else
                   paired({s: r[key] for s, r in seeds.items()}, {s: r[key] for s, r in reference.items()})
                   if args.paired else welch([r[key] for r in seeds.values()], [r[key] for r in reference.values()])
