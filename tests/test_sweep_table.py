@@ -181,3 +181,30 @@ def test_the_epoch_a_layer_collapsed_is_the_first_to_end_with_its_rank_below_one
     assert dict(zip(columns, old_row.strip('|').split(' | ')))['epochs_to_collapse_blocks0'] == 'n/a'
     assert sweep_table.mean_ci([float('nan')] * 3) == 'never (of 3)'
     assert sweep_table.mean_ci([4.0, float('nan')]) == '4.00 (n=1 of 2)'
+
+
+def test_arms_limits_the_table_and_the_plot_to_those_named_and_the_csv_keeps_every_run(tmp_path, capsys,
+                                                                                      monkeypatch):
+    for seed in range(2):
+        for arm, top1 in (('ait', 80.0), ('vit', 82.0 + seed), ('ablation', 70.0)):
+            make_run(tmp_path, f'g-{arm}-seed{seed}', top1, [50, 80], 2.0)
+    table = sweep_table.main(['--group', 'g', '--reference', 'ait', '--arms', 'ait', 'vit',
+                              '--results-dir', str(tmp_path)])
+    assert [line.split(' | ')[0] for line in table.splitlines()[2:]] == ['| ait', '| vit']
+    assert {row['arm'] for row in csv.DictReader(open(tmp_path / 'g.csv'))} == {'ait', 'vit', 'ablation'}
+    drawn = []
+    plot = sweep_table.plot_sweep
+    monkeypatch.setattr(sweep_table, 'plot_sweep', lambda curves, metrics: drawn.append(sorted(curves)) or plot(
+        curves, metrics))
+    figure = tmp_path / 'sweep.png'
+    sweep_table.main(['--group', 'g', '--reference', 'ait', '--arms', 'ait', 'vit', '--results-dir', str(tmp_path),
+                      '--plot', str(figure)])
+    assert drawn == [['ait', 'vit']] and figure.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for arms, said in ((['vit'], '--reference ait is not among --arms vit'),
+                       (['ait', 'vti'], 'no finished run of arm vti')):
+        try:
+            sweep_table.main(['--group', 'g', '--reference', 'ait', '--arms', *arms, '--results-dir', str(tmp_path)])
+        except SystemExit as e:
+            assert said in str(e) + capsys.readouterr().err
+        else:
+            raise AssertionError(f'--arms {arms} was accepted')

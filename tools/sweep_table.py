@@ -10,6 +10,7 @@ interval.
     python tools/sweep_table.py --group triangle_tiny --reference paper --target 75
     python tools/sweep_table.py --group sort_of_clevr --reference ait --compare top1 relational_top1 non_relational_top1
     python tools/sweep_table.py --group sort_of_clevr --reference ait --compare relational_top1 --paired
+    python tools/sweep_table.py --group sort_of_clevr --reference ait --arms ait decorrelation vit  # no ablations
     python tools/sweep_table.py --group triangle_tiny --reference paper \
         --plot docs/results/triangle_tiny-sweep.png --plot-metrics eval_top1 train_memory_rank_blocks0
 
@@ -154,7 +155,7 @@ def plot_sweep(curves: Dict[str, List[Dict[str, List[float]]]], metrics: Sequenc
             if having:
                 rows = by_epoch(having, metric)
                 epochs = [epoch + 1 for epoch, *_ in rows]  # counted from 1: the value after that epoch
-                ax.plot(epochs, [r[1] for r in rows], color=f'C{colour}', label=f'{arm} ({len(having)} runs)')
+                ax.plot(epochs, [r[1] for r in rows], color=f'C{colour}', label=f'{arm} ({len(having)} run{"s" if len(having) > 1 else ""})')
                 ax.fill_between(epochs, [r[2] for r in rows], [r[3] for r in rows], color=f'C{colour}',
                                 alpha=0.2, linewidth=0)
         ax.set_xlabel('epoch')
@@ -168,6 +169,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--group', required=True, help='the runs docs/results/<group>-<arm>-seed<N>')
     parser.add_argument('--reference', required=True, help='the arm the others are compared with')
+    parser.add_argument('--arms', nargs='+', metavar='ARM', help='only these arms in the table and the plot (the per-run csv keeps every run)')
     parser.add_argument('--target', type=float, default=75.0, help='eval top-1 whose first epoch is reported')
     parser.add_argument('--compare', nargs='+', default=['top1'], metavar='KEY',
                         help="validate.json accuracies compared with the reference arm's (default: top1)")
@@ -178,24 +180,32 @@ def main(argv=None) -> str:
     parser.add_argument('--plot-metrics', nargs='+', default=['eval_top1'], metavar='COLUMN',
                         help='summary.csv columns for --plot, one panel each (default: eval_top1)')
     args = parser.parse_args(argv)
+    if args.arms and args.reference not in args.arms:
+        parser.error(f'--reference {args.reference} is not among --arms {" ".join(args.arms)}')
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         parser.error(f'--plot {args.plot}: its folder does not exist')
-    runs: Dict[str, Dict[int, Dict[str, float]]] = {}
+    runs: Dict[str, Dict[int, Dict[str, float]]] = {}  # every run of the group: the per-run csv holds them all
     curves: Dict[str, List[Dict[str, List[float]]]] = {}
     for folder in sorted(glob.glob(os.path.join(args.results_dir, f'{args.group}-*-seed*'))):
         found = re.fullmatch(rf'{re.escape(args.group)}-(.+)-seed(\d+)', os.path.basename(folder))
-        run = read_run(folder, args.target, args.compare) if found else None
+        shown = found is not None and (not args.arms or found.group(1) in args.arms)
+        run = read_run(folder, args.target, args.compare if shown else ()) if found else None
         if run is not None:
             runs.setdefault(found.group(1), {})[int(found.group(2))] = run
-            curves.setdefault(found.group(1), []).append(read_curves(folder))
+            if shown:
+                curves.setdefault(found.group(1), []).append(read_curves(folder))
+    absent = [arm for arm in args.arms or () if arm not in runs]
+    if absent:
+        raise SystemExit(f'error: no finished run of arm {", ".join(absent)} under {args.results_dir}/{args.group}-*')
     if args.reference not in runs:
         raise SystemExit(f'error: no finished run of arm {args.reference!r} under {args.results_dir}/{args.group}-*')
-    keys = sorted({k for arm in runs.values() for run in arm.values() for k in run})
+    shown_runs = {arm: seeds for arm, seeds in runs.items() if not args.arms or arm in args.arms}
+    keys = sorted({k for arm in shown_runs.values() for run in arm.values() for k in run})
     differences = ' | '.join(f'{key} - {args.reference}{" (paired)" if args.paired else ""}' for key in args.compare)
     lines = [f'| arm | seeds | {" | ".join(keys)} | {differences} |',
              '|' + '---|' * (len(keys) + 2 + len(args.compare))]
     reference = runs[args.reference]
-    for arm, seeds in sorted(runs.items()):
+    for arm, seeds in sorted(shown_runs.items()):
         cells = [mean_ci([r[k] for r in seeds.values() if k in r]) for k in keys]
         versus = ['' if arm == args.reference else
                   paired({s: r[key] for s, r in seeds.items()}, {s: r[key] for s, r in reference.items()})
@@ -204,12 +214,13 @@ def main(argv=None) -> str:
         lines.append(f'| {arm} | {",".join(map(str, sorted(seeds)))} | {" | ".join(cells)} | {" | ".join(versus)} |')
     table = '\n'.join(lines)
     figure = plot_sweep(curves, args.plot_metrics) if args.plot else None  # a column no run has: refused here
+    every_key = sorted({k for arm in runs.values() for run in arm.values() for k in run})
     with open(os.path.join(args.results_dir, f'{args.group}.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
-        writer.writerow(['arm', 'seed', *keys])
+        writer.writerow(['arm', 'seed', *every_key])
         for arm, seeds in sorted(runs.items()):
             for seed, run in sorted(seeds.items()):
-                writer.writerow([arm, seed, *[run.get(k, '') for k in keys]])
+                writer.writerow([arm, seed, *[run.get(k, '') for k in every_key]])
     if figure is not None:
         figure.savefig(args.plot, dpi=110)
     print(table)
