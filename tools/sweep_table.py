@@ -111,7 +111,8 @@ def read_run(folder: str, target: float, compare: Sequence[str] = ('top1',)) -> 
         if key.startswith('train_memory_rank_') and value:
             # when the layer's memory collapsed: the first epoch (from 1) that ended with its rank that low
             collapsed = [int(r['epoch']) + 1 for r in rows if r[key] and float(r[key]) < COLLAPSED_RANK]
-            run[f'epochs_to_collapse_{key[len("train_memory_rank_"):]}'] = float(collapsed[0]) if collapsed else float('nan')
+            layer = key[len('train_memory_rank_'):]
+            run[f'epochs_to_collapse_{layer}'] = float(collapsed[0]) if collapsed else float('nan')
     for key, value in validation.items():
         if key.endswith('_memory_top1'):
             run[f'{key[:-len("_memory_top1")]}_swap_drop'] = validation['top1'] - value
@@ -155,7 +156,8 @@ def plot_sweep(curves: Dict[str, List[Dict[str, List[float]]]], metrics: Sequenc
             if having:
                 rows = by_epoch(having, metric)
                 epochs = [epoch + 1 for epoch, *_ in rows]  # counted from 1: the value after that epoch
-                ax.plot(epochs, [r[1] for r in rows], color=f'C{colour}', label=f'{arm} ({len(having)} run{"s" if len(having) > 1 else ""})')
+                runs = f'{len(having)} run{"s" if len(having) > 1 else ""}'
+                ax.plot(epochs, [r[1] for r in rows], color=f'C{colour}', label=f'{arm} ({runs})')
                 ax.fill_between(epochs, [r[2] for r in rows], [r[3] for r in rows], color=f'C{colour}',
                                 alpha=0.2, linewidth=0)
         ax.set_xlabel('epoch')
@@ -169,7 +171,8 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--group', required=True, help='the runs docs/results/<group>-<arm>-seed<N>')
     parser.add_argument('--reference', required=True, help='the arm the others are compared with')
-    parser.add_argument('--arms', nargs='+', metavar='ARM', help='only these arms in the table and the plot (the per-run csv keeps every run)')
+    parser.add_argument('--arms', nargs='+', metavar='ARM',
+                        help='only these arms in the table and the plot (the per-run csv keeps every run)')
     parser.add_argument('--target', type=float, default=75.0, help='eval top-1 whose first epoch is reported')
     parser.add_argument('--compare', nargs='+', default=['top1'], metavar='KEY',
                         help="validate.json accuracies compared with the reference arm's (default: top1)")
