@@ -498,7 +498,9 @@ def test_question_answering_model_is_published_with_its_own_card(tmp_path):
      ['a dense attention over all tokens (no bottleneck', 'Bottleneck k: none', 'a Hopfield network reads'],
      ['a bottleneck attention', 'no Hopfield']),
     ('ait_small_patch4_32', dict(memory_decorrelation=0.05, embed_dim=32, num_heads=2), 'torch/cifar10',
-     ["Its memory write is not the paper's", '`memory_decorrelation=0.05`'], ['Reset Memory']),
+     ["Its memory write is not the paper's", '`memory_decorrelation=0.05`',
+      'not changed accuracy measurably against the paper\'s write (Triangle, 8 seeds; Sort-of-CLEVR, 3 seeds'],
+     ['Reset Memory']),
 ])
 def test_card_says_what_the_model_is(tmp_path, model_name, kwargs, dataset, present, absent):
     model = timm.create_model(model_name, **kwargs)

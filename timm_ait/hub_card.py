@@ -52,8 +52,8 @@ _RESET_MEMORY = (" In training the memory was re-initialised at the start of eve
                  'ablation); the published memory is the one its last epoch wrote.')
 _DECORRELATION = (' Its memory write is not the paper\'s: after every write the memory takes one step of orthogonal '
                   'iteration (`memory_decorrelation={strength:g}`), which keeps its priors from collapsing to one; '
-                  'so far that has not changed accuracy against the paper\'s write (the project\'s '
-                  'docs/results.md has the runs).')
+                  'that has not changed accuracy measurably against the paper\'s write (Triangle, 8 seeds; '
+                  'Sort-of-CLEVR, 3 seeds; the project\'s docs/results.md has the runs).')
 _NO_SELF_ATTENTION = " Its blocks have no self-attention (`self_attn=False`)."
 _VIT_TWIN = ('The ViT twin of an Associative Transformer (AiT) {task}, trained on {dataset} with timm-ait: the '
              'same model with timm\'s MLP in place of the Global Workspace Layer (`gwl=False`), the baseline the '
